@@ -1,0 +1,359 @@
+"""Model bundles: a folder with `manifest.json` and member ONNX files, with checksums.
+
+A manifest is data only: loading a bundle reads JSON and ONNX files and never executes code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from pneumoedge.preprocessing import PreprocessSpec, SpecError
+
+FORMAT = "pneumoedge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+#: Key in an ONNX file's metadata_props whose value is the JSON of `ModelCard`.
+ONNX_METADATA_KEY = "pneumoedge"
+
+TASKS = ("binary", "multiclass")
+PRECISIONS = ("fp32", "int8")
+ACTIVATIONS = ("none", "sigmoid", "softmax")
+
+
+class BundleError(ValueError):
+    """A bundle or model file that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What one ONNX model needs to be run correctly: its input spec and how to read its output.
+
+    Binary models output either one column (probability, or logit, of `labels[1]`) or two.
+    `activation` is applied by the runtime to the raw output ("none" when it already is a
+    probability).
+    """
+
+    spec: PreprocessSpec
+    labels: tuple[str, ...]
+    task: str = "binary"
+    activation: str = "none"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if self.task not in TASKS:
+            raise BundleError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.activation not in ACTIVATIONS:
+            raise BundleError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise BundleError(f"labels must be two or more distinct names, got {list(self.labels)}")
+        if self.task == "binary" and len(self.labels) != 2:
+            raise BundleError(f"a binary task has exactly two labels, got {list(self.labels)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "labels": list(self.labels),
+            "task": self.task,
+            "activation": self.activation,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        try:
+            return cls(
+                spec=PreprocessSpec.from_dict(data["spec"]),
+                labels=tuple(data["labels"]),
+                task=data.get("task", "binary"),
+                activation=data.get("activation", "none"),
+            )
+        except KeyError as exc:
+            raise BundleError(f"model description lacks the field {exc.args[0]!r}") from None
+        except SpecError as exc:
+            raise BundleError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of a bundle. `path` is resolved against the bundle folder."""
+
+    name: str
+    file: str
+    sha256: str
+    precision: str
+    weight: float
+    card: ModelCard
+    path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "file": self.file,
+            "sha256": self.sha256,
+            "precision": self.precision,
+            "weight": self.weight,
+            "spec": self.card.spec.to_dict(),
+            "activation": self.card.activation,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A bundle's manifest, checked."""
+
+    name: str
+    task: str
+    labels: tuple[str, ...]
+    threshold: Optional[float]
+    threshold_method: str
+    members: tuple[Member, ...]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    default_precision: str = "fp32"
+    root: Optional[Path] = None
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return tuple(p for p in PRECISIONS if any(m.precision == p for m in self.members))
+
+    def members_for(self, precision: str) -> tuple[Member, ...]:
+        """The members to run at `precision` ("fp32", "int8", or "default")."""
+        if precision == "default":
+            precision = self.default_precision
+        chosen = tuple(m for m in self.members if m.precision == precision)
+        if not chosen:
+            raise BundleError(
+                f"bundle {self.root or self.name} has no {precision} members "
+                f"(it has: {', '.join(self.precisions) or 'none'})"
+            )
+        return chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "task": self.task,
+            "labels": list(self.labels),
+            "threshold": self.threshold,
+            "threshold_method": self.threshold_method,
+            "default_precision": self.default_precision,
+            "members": [m.to_dict() for m in self.members],
+            "provenance": self.provenance,
+        }
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _require(data: dict[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise BundleError(f"{where}: missing field {key!r}")
+    return data[key]
+
+
+def read_manifest(bundle_dir: Union[str, Path], *, verify: bool = True) -> Manifest:
+    """Read and check a bundle folder's manifest.
+
+    Checks the format and version, the fields, that members share the bundle's labels and
+    task, that each member file exists inside the bundle and (with `verify`) that its
+    sha256 matches. ONNX input shapes are checked when the runtime opens the sessions.
+    """
+    root = Path(bundle_dir)
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a folder (a bundle is a folder holding {MANIFEST})")
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{root}: no {MANIFEST}; is this a pneumoedge bundle?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: unreadable manifest: {exc}") from None
+    where = str(manifest_path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise BundleError(f"{where}: not a pneumoedge bundle manifest (format must be {FORMAT!r})")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise BundleError(f"{where}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise BundleError(
+            f"{where}: bundle format version {version} is newer than this pneumoedge understands "
+            f"({FORMAT_VERSION}); upgrade pneumoedge"
+        )
+    task = _require(data, "task", where)
+    labels = tuple(_require(data, "labels", where))
+    raw_members = _require(data, "members", where)
+    if not isinstance(raw_members, list) or not raw_members:
+        raise BundleError(f"{where}: 'members' must be a non-empty list")
+    members = []
+    for index, raw in enumerate(raw_members):
+        members.append(_read_member(root, raw, labels, task, f"{where}: member {index}", verify))
+    names = [(m.name, m.precision) for m in members]
+    if len(set(names)) != len(names):
+        raise BundleError(f"{where}: two members share a name and precision")
+    threshold = data.get("threshold")
+    if task == "binary":
+        if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise BundleError(f"{where}: a binary bundle needs a threshold between 0 and 1, got {threshold!r}")
+    default_precision = data.get("default_precision", "fp32")
+    manifest = Manifest(
+        name=str(data.get("name", root.name)),
+        task=task,
+        labels=labels,
+        threshold=None if threshold is None else float(threshold),
+        threshold_method=str(data.get("threshold_method", "unspecified")),
+        members=tuple(members),
+        provenance=dict(data.get("provenance") or {}),
+        default_precision=default_precision,
+        root=root,
+    )
+    manifest.members_for("default")  # the default precision must exist
+    return manifest
+
+
+def _read_member(root: Path, raw: Any, labels: tuple[str, ...], task: str, where: str, verify: bool) -> Member:
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where}: must be an object")
+    file = str(_require(raw, "file", where))
+    path = (root / file).resolve()
+    if root.resolve() not in path.parents:
+        raise BundleError(f"{where}: file {file!r} lies outside the bundle folder")
+    if not path.is_file():
+        raise BundleError(f"{where}: member file {path} is missing")
+    precision = raw.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise BundleError(f"{where} ({file}): precision must be one of {PRECISIONS}, got {precision!r}")
+    weight = raw.get("weight", 1.0)
+    if not isinstance(weight, (int, float)) or weight <= 0:
+        raise BundleError(f"{where} ({file}): weight must be a positive number, got {weight!r}")
+    try:
+        card = ModelCard(
+            spec=PreprocessSpec.from_dict(_require(raw, "spec", where)),
+            labels=labels,
+            task=task,
+            activation=raw.get("activation", "none"),
+        )
+    except (SpecError, BundleError) as exc:
+        raise BundleError(f"{where} ({file}): {exc}") from None
+    expected = str(_require(raw, "sha256", where)).lower()
+    if verify:
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"{path}: checksum mismatch (manifest sha256 {expected[:12]}…, file {actual[:12]}…); "
+                "the file was changed or corrupted after the bundle was made"
+            )
+    return Member(
+        name=str(raw.get("name", Path(file).stem)),
+        file=file,
+        sha256=expected,
+        precision=precision,
+        weight=float(weight),
+        card=card,
+        path=path,
+    )
+
+
+@dataclass(frozen=True)
+class MemberSource:
+    """An ONNX file to put into a new bundle."""
+
+    onnx_path: Path
+    name: str
+    spec: PreprocessSpec
+    precision: str = "fp32"
+    weight: float = 1.0
+    activation: str = "none"
+
+
+def write_bundle(
+    out_dir: Union[str, Path],
+    members: Sequence[MemberSource],
+    *,
+    labels: Sequence[str],
+    task: str = "binary",
+    threshold: Optional[float] = 0.5,
+    threshold_method: str = "fixed 0.5",
+    provenance: Optional[dict[str, Any]] = None,
+    name: Optional[str] = None,
+    default_precision: str = "fp32",
+) -> Manifest:
+    """Copy member ONNX files into `out_dir`, checksum them, write the manifest, and read it back.
+
+    Member files are named `<name>.<precision>.onnx`. The manifest is written last, through a
+    temporary file and a rename, so a crash never leaves a folder that looks complete.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for member in members:
+        ModelCard(member.spec, tuple(labels), task, member.activation)  # validate early
+        file = f"{member.name}.{member.precision}.onnx"
+        target = out / file
+        if Path(member.onnx_path).resolve() != target.resolve():
+            shutil.copyfile(member.onnx_path, target)
+        entries.append(
+            {
+                "name": member.name,
+                "file": file,
+                "sha256": sha256_file(target),
+                "precision": member.precision,
+                "weight": float(member.weight),
+                "spec": member.spec.to_dict(),
+                "activation": member.activation,
+            }
+        )
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name or out.name,
+        "task": task,
+        "labels": list(labels),
+        "threshold": threshold,
+        "threshold_method": threshold_method,
+        "default_precision": default_precision,
+        "members": entries,
+        "provenance": provenance or {},
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    return read_manifest(out)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file in the same folder and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def card_from_metadata(metadata: dict[str, str], source: str) -> ModelCard:
+    """The `ModelCard` stored in an ONNX file's metadata_props (as onnxruntime returns them)."""
+    text = metadata.get(ONNX_METADATA_KEY)
+    if text is None:
+        raise BundleError(
+            f"{source}: this ONNX file does not describe its preprocessing (no '{ONNX_METADATA_KEY}' "
+            "metadata). Export it with `pneumoedge export MODEL --size H W --color gray|rgb ...` "
+            "to declare its spec, or put it in a bundle whose manifest.json declares it."
+        )
+    try:
+        return ModelCard.from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{source}: unreadable '{ONNX_METADATA_KEY}' metadata: {exc}") from None
+    except BundleError as exc:
+        raise BundleError(f"{source}: {exc}") from None

@@ -1,0 +1,1 @@
+"""onnxruntime-only inference: sessions, ensembles, folder runs. Never imports TensorFlow."""
