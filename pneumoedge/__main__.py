@@ -1,0 +1,5 @@
+"""`python -m pneumoedge` runs the CLI."""
+
+from pneumoedge.cli import app
+
+app()

@@ -1,0 +1,110 @@
+"""`pneumoedge infer`: run a model or ensemble over files and folders, one result row per file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+from typing_extensions import Annotated
+
+from pneumoedge.commands.options import (
+    CLINICAL_NOTE,
+    BatchSize,
+    Device,
+    Models,
+    Precision,
+    Threads,
+    model_arg,
+    stderr,
+    user_errors,
+)
+from pneumoedge.runtime.ensemble import load
+from pneumoedge.runtime.folder import RunSummary, run_folder
+from pneumoedge.runtime.results import FORMATS, OutputError, ResultWriter
+
+
+def infer(
+    inputs: Annotated[List[Path], typer.Argument(help="Image files and/or folders (searched recursively).", show_default=False)],
+    model: Models = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Result file (.csv or .jsonl). Default: CSV on standard output."),
+    ] = None,
+    fmt: Annotated[
+        Optional[str], typer.Option("--format", help="csv or jsonl. Default: from --out's suffix, else csv.")
+    ] = None,
+    device: Device = "cpu",
+    precision: Precision = "default",
+    threads: Threads = None,
+    batch: BatchSize = 8,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads. Default: min(8, CPUs).")] = None,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted run: keep --out's finished rows, do the rest.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    recursive: Annotated[bool, typer.Option(help="Search folders recursively.")] = True,
+    progress: Annotated[
+        Optional[bool], typer.Option(help="Show a progress bar. Default: only when standard error is a terminal.")
+    ] = None,
+) -> None:
+    """Classify chest X-ray images; write one row per input file.
+
+    Every file under the inputs gets a row: status ok (with label and probabilities), error
+    (unreadable image; the reason is in the row) or skipped (not an image file).
+
+    Exit codes: 0 all images succeeded; 1 some inputs failed (see rows with status error);
+    2 usage or model error (nothing run); 3 no image files found.
+    """
+    with user_errors():
+        fmt = _choose_format(fmt, out)
+        if resume and out is None:
+            raise OutputError("--resume needs --out (the file to finish)")
+        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads=threads)
+        writer = ResultWriter(fmt, ensemble.labels, [m.name for m in ensemble.members])
+        summary = run_folder(
+            ensemble,
+            inputs,
+            writer=writer,
+            out=out,
+            overwrite=overwrite,
+            resume=resume,
+            batch_size=batch,
+            workers=workers,
+            recursive=recursive,
+            show_progress=stderr.is_terminal if progress is None else progress,
+            console=stderr,
+        )
+    _print_summary(summary, ensemble.threshold)
+    raise typer.Exit(summary.exit_code)
+
+
+def _choose_format(fmt: Optional[str], out: Optional[Path]) -> str:
+    if fmt is None:
+        fmt = "jsonl" if out is not None and out.suffix.lower() in (".jsonl", ".json") else "csv"
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise OutputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def _print_summary(summary: RunSummary, threshold: Optional[float]) -> None:
+    table = Table(title="pneumoedge infer", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for label, count in sorted(summary.labels.items()):
+        table.add_row(label, str(count))
+    table.add_row("errors", str(summary.errors))
+    table.add_row("skipped (not images)", str(summary.skipped))
+    if summary.resumed:
+        table.add_row("kept from earlier run", str(summary.resumed))
+    if threshold is not None:
+        table.add_row("threshold", f"{threshold:.3f}")
+    table.add_row("speed", f"{summary.images_per_s:.1f} images/s ({summary.elapsed_s:.2f} s)")
+    table.add_row("provider", summary.provider)
+    table.add_row("results", summary.output)
+    stderr.print(table)
+    stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("infer")(infer)

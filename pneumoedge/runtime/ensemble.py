@@ -1,0 +1,361 @@
+"""Ensembles of ONNX members: decode once, a tensor per member, weighted average of probabilities."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, Manifest, ModelCard, card_from_metadata, read_manifest
+from pneumoedge.imageio import ImageError, ImageSource
+from pneumoedge.preprocessing import read_for, to_tensor
+from pneumoedge.runtime.sessions import create_session
+
+ModelRef = Union[str, Path]
+_ORT_LOAD_ERRORS = (_ort_state.InvalidProtobuf, _ort_state.Fail, _ort_state.InvalidGraph, _ort_state.NoSuchFile, _ort_state.InvalidArgument)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input's result. Decision support for clinicians, never a diagnosis.
+
+    `probability` is that of `label`; `probabilities` has every label's. For a binary task the
+    label is the positive one when its probability reaches `threshold`. `disagreement` is the
+    largest spread (max - min) of any label's probability across members (0 for one member).
+    """
+
+    source: str
+    status: str  # "ok" or "error"
+    label: Optional[str] = None
+    probability: Optional[float] = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    member_probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
+    disagreement: Optional[float] = None
+    threshold: Optional[float] = None
+    provider: Optional[str] = None
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.source,
+            "status": self.status,
+            "label": self.label,
+            "probability": self.probability,
+            "probabilities": self.probabilities,
+            "member_probabilities": self.member_probabilities,
+            "disagreement": self.disagreement,
+            "threshold": self.threshold,
+            "provider": self.provider,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class LoadedMember:
+    """A member with its open session."""
+
+    name: str
+    weight: float
+    card: ModelCard
+    session: ort.InferenceSession
+    source: str
+    precision: str = "fp32"
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return not isinstance(self.session.get_inputs()[0].shape[0], int)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a batch of tensors; return (N, K) probabilities (activation applied)."""
+        if self.dynamic_batch:
+            raw = self.session.run(None, {self.input_name: batch})[0]
+        else:
+            raw = np.concatenate([self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(len(batch))])
+        raw = np.asarray(raw, dtype=np.float64).reshape(len(batch), -1)
+        if self.card.activation == "sigmoid":
+            raw = 1.0 / (1.0 + np.exp(-raw))
+        elif self.card.activation == "softmax":
+            shifted = np.exp(raw - raw.max(axis=1, keepdims=True))
+            raw = shifted / shifted.sum(axis=1, keepdims=True)
+        if self.card.task == "binary" and raw.shape[1] == 1:
+            raw = np.concatenate([1.0 - raw, raw], axis=1)
+        if raw.shape[1] != len(self.card.labels):
+            raise BundleError(
+                f"{self.source}: model outputs {raw.shape[1]} values per image but has "
+                f"{len(self.card.labels)} labels {list(self.card.labels)}"
+            )
+        return raw
+
+
+def _check_input_shape(member: LoadedMember) -> None:
+    node = member.session.get_inputs()[0]
+    expected = member.card.spec.input_shape
+    shape = list(node.shape)
+    if len(member.session.get_inputs()) != 1:
+        raise BundleError(f"{member.source}: model has {len(member.session.get_inputs())} inputs; one image input expected")
+    if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected)):
+        raise BundleError(
+            f"{member.source}: ONNX input {node.name!r} has shape {shape}, which does not fit its spec "
+            f"({member.card.spec.layout} {list(expected)} plus a batch axis)"
+        )
+    if node.type != "tensor(float)":
+        raise BundleError(f"{member.source}: ONNX input {node.name!r} is {node.type}; float32 expected")
+
+
+class Ensemble:
+    """Loaded models ready to predict. Safe to share between threads (sessions are)."""
+
+    def __init__(
+        self,
+        members: Sequence[LoadedMember],
+        *,
+        threshold: Optional[float],
+        threshold_method: str = "unspecified",
+        manifest: Optional[Manifest] = None,
+    ) -> None:
+        if not members:
+            raise BundleError("an ensemble needs at least one member")
+        first = members[0].card
+        for member in members[1:]:
+            if member.card.labels != first.labels or member.card.task != first.task:
+                raise BundleError(
+                    f"{member.source}: labels {list(member.card.labels)} ({member.card.task}) differ from "
+                    f"{members[0].source}: {list(first.labels)} ({first.task}); members must share labels"
+                )
+        if first.task == "binary" and (threshold is None or not 0.0 <= threshold <= 1.0):
+            raise BundleError(f"a binary ensemble needs a threshold between 0 and 1, got {threshold!r}")
+        self.members = tuple(members)
+        self.labels = first.labels
+        self.task = first.task
+        self.threshold = threshold if first.task == "binary" else None
+        self.threshold_method = threshold_method
+        self.manifest = manifest
+        self._weights = np.array([m.weight for m in members], dtype=np.float64)
+        self._weights /= self._weights.sum()
+        self._decode_keys = sorted({m.card.spec.decode_key for m in members})
+
+    @property
+    def provider(self) -> str:
+        providers = sorted({m.provider for m in self.members})
+        return "+".join(providers)
+
+    def decode(self, source: ImageSource) -> dict[tuple[int, bool], np.ndarray]:
+        """Decode a source once per distinct decode mode the members need (usually once)."""
+        return {key: read_for(source, _spec_with_key(self, key)) for key in self._decode_keys}
+
+    def tensors(self, decoded: dict[tuple[int, bool], np.ndarray]) -> list[np.ndarray]:
+        """Each member's input tensor from the shared decoded pixels."""
+        return [to_tensor(decoded[m.card.spec.decode_key], m.card.spec) for m in self.members]
+
+    def run_tensors(self, per_member: Sequence[np.ndarray]) -> np.ndarray:
+        """Run every member on its (N, ...) batch; return (members, N, labels) probabilities."""
+        return np.stack([m.run(batch) for m, batch in zip(self.members, per_member)])
+
+    def combine(self, source: str, member_probs: np.ndarray) -> Prediction:
+        """Build a Prediction from one input's (members, labels) probabilities."""
+        mean = np.tensordot(self._weights, member_probs, axes=1)
+        if self.task == "binary":
+            index = 1 if mean[1] >= self.threshold else 0
+        else:
+            index = int(np.argmax(mean))
+        spread = float((member_probs.max(axis=0) - member_probs.min(axis=0)).max())
+        return Prediction(
+            source=source,
+            status="ok",
+            label=self.labels[index],
+            probability=float(mean[index]),
+            probabilities={label: float(p) for label, p in zip(self.labels, mean)},
+            member_probabilities={
+                m.name: {label: float(p) for label, p in zip(self.labels, probs)}
+                for m, probs in zip(self.members, member_probs)
+            },
+            disagreement=spread,
+            threshold=self.threshold,
+            provider=self.provider,
+        )
+
+    def predict(self, source: ImageSource) -> Prediction:
+        """Predict one image (path, encoded bytes, or a uint8/uint16 pixel array).
+
+        Raises `ImageError` when the input cannot be read.
+        """
+        tensors = self.tensors(self.decode(source))
+        probs = self.run_tensors([t[None] for t in tensors])
+        name = str(source) if isinstance(source, (str, Path)) else "<array>" if isinstance(source, np.ndarray) else "<bytes>"
+        return self.combine(name, probs[:, 0])
+
+    def predict_many(
+        self, sources: Iterable[ImageSource], *, batch_size: int = 8, workers: Optional[int] = None
+    ) -> Iterator[Prediction]:
+        """Predict a stream of inputs in order, one Prediction each; unreadable ones get status "error".
+
+        Decoding and preprocessing run in a thread pool (OpenCV releases the GIL) ahead of
+        the model runs, with a bounded number of inputs in flight, so memory stays flat.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        workers = workers or min(8, os.cpu_count() or 1)
+        window = batch_size * 2 + workers
+        iterator = iter(sources)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumoedge-decode") as pool:
+            pending: deque[tuple[str, Future]] = deque()
+
+            def refill() -> None:
+                for source in itertools.islice(iterator, window - len(pending)):
+                    pending.append((_name_of(source), pool.submit(self._prepare, source)))
+
+            refill()
+            while pending:
+                chunk = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+                refill()  # keep the decoders busy while this chunk runs
+                yield from self._run_chunk(chunk)
+
+    def _prepare(self, source: ImageSource) -> list[np.ndarray]:
+        return self.tensors(self.decode(source))
+
+    def _run_chunk(self, chunk: list[tuple[str, Future]]) -> Iterator[Prediction]:
+        ready: list[tuple[int, list[np.ndarray]]] = []
+        results: list[Optional[Prediction]] = [None] * len(chunk)
+        for index, (name, future) in enumerate(chunk):
+            try:
+                ready.append((index, future.result()))
+            except ImageError as exc:
+                results[index] = Prediction(source=name, status="error", error=str(exc))
+        if ready:
+            batches = [np.stack([tensors[k] for _, tensors in ready]) for k in range(len(self.members))]
+            probs = self.run_tensors(batches)
+            for position, (index, _) in enumerate(ready):
+                results[index] = self.combine(chunk[index][0], probs[:, position])
+        yield from results  # type: ignore[misc]
+
+    def describe(self) -> dict[str, Any]:
+        """What this ensemble is: members, specs, labels, threshold, providers."""
+        return {
+            "task": self.task,
+            "labels": list(self.labels),
+            "threshold": self.threshold,
+            "threshold_method": self.threshold_method,
+            "members": [
+                {
+                    "name": m.name,
+                    "source": m.source,
+                    "weight": m.weight,
+                    "precision": m.precision,
+                    "activation": m.card.activation,
+                    "provider": m.provider,
+                    "spec": m.card.spec.to_dict(),
+                }
+                for m in self.members
+            ],
+        }
+
+
+def _spec_with_key(ensemble: Ensemble, key: tuple[int, bool]):
+    return next(m.card.spec for m in ensemble.members if m.card.spec.decode_key == key)
+
+
+def _name_of(source: ImageSource) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return "<array>" if isinstance(source, np.ndarray) else "<bytes>"
+
+
+def default_bundle_path() -> Path:
+    """The bundled default model: inside the installed wheel, or models/ in a source checkout."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "models" / "default", package.parent / "models" / "default"):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    raise BundleError("no default bundle found (models/default is missing from this install); pass --model")
+
+
+def load(
+    model: Union[ModelRef, Sequence[ModelRef], None] = None,
+    *,
+    device: str = "cpu",
+    precision: str = "default",
+    threads: Optional[int] = None,
+) -> Ensemble:
+    """Load a bundle folder, or one or more self-describing `.onnx` files, ready to predict.
+
+    Args:
+        model: a bundle folder; an `.onnx` path; a list of `.onnx` paths (an ad-hoc ensemble,
+            equal weights); or None for the bundled default model.
+        device: "cpu", "cuda" (fails clearly when CUDA cannot run) or "auto".
+        precision: for bundles: "default" (the manifest's choice), "fp32" or "int8".
+        threads: onnxruntime intra-op threads per session (None: its default).
+    """
+    refs = [default_bundle_path()] if model is None else [model] if isinstance(model, (str, Path)) else list(model)
+    if not refs:
+        raise BundleError("no model given")
+    paths = [Path(r) for r in refs]
+    if any(p.is_dir() for p in paths):
+        if len(paths) != 1:
+            raise BundleError("give one bundle folder, or one or more .onnx files, not a mix")
+        return _load_bundle(paths[0], device, precision, threads)
+    members = [_load_onnx(p, device, threads) for p in paths]
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        members = [_renamed(m, f"{m.name}_{i}") for i, m in enumerate(members)]
+    found = {_metadata_threshold(m.session) for m in members}
+    if len(found) == 1 and None not in found:
+        threshold, method = found.pop(), "from the models' metadata"
+    else:
+        threshold, method = 0.5, "default 0.5 (the ONNX files carry no shared threshold)"
+    return Ensemble(members, threshold=threshold, threshold_method=method)
+
+
+def _renamed(member: LoadedMember, name: str) -> LoadedMember:
+    return LoadedMember(name, member.weight, member.card, member.session, member.source, member.precision)
+
+
+def _metadata_threshold(session: ort.InferenceSession) -> Optional[float]:
+    text = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY, "{}")
+    value = json.loads(text).get("threshold")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _open(path: Path, device: str, threads: Optional[int]) -> ort.InferenceSession:
+    try:
+        return create_session(path, device, threads)
+    except _ORT_LOAD_ERRORS as exc:
+        raise BundleError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+
+
+def _load_onnx(path: Path, device: str, threads: Optional[int]) -> LoadedMember:
+    if not path.is_file():
+        raise BundleError(f"{path}: no such model file or bundle folder")
+    session = _open(path, device, threads)
+    card = card_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
+    member = LoadedMember(path.stem, 1.0, card, session, str(path))
+    _check_input_shape(member)
+    return member
+
+
+def _load_bundle(root: Path, device: str, precision: str, threads: Optional[int]) -> Ensemble:
+    manifest = read_manifest(root)
+    members = []
+    for entry in manifest.members_for(precision):
+        session = _open(entry.path, device, threads)
+        member = LoadedMember(entry.name, entry.weight, entry.card, session, str(entry.path), entry.precision)
+        _check_input_shape(member)
+        members.append(member)
+    return Ensemble(members, threshold=manifest.threshold, threshold_method=manifest.threshold_method, manifest=manifest)

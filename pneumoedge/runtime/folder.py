@@ -1,0 +1,169 @@
+"""Folder inference: find every file, predict the images, account for every file in the results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pneumoedge.imageio import IMAGE_SUFFIXES
+from pneumoedge.runtime.ensemble import Ensemble
+from pneumoedge.runtime.results import ResultWriter
+
+log = logging.getLogger(__name__)
+
+#: Exit codes of a folder run (documented in the README).
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_NO_IMAGES = 3
+
+
+class InputError(ValueError):
+    """An input path the user gave does not exist or cannot be listed."""
+
+
+@dataclass
+class RunSummary:
+    """Counts of a folder run. `exit_code` follows the documented convention."""
+
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0
+    resumed: int = 0
+    labels: Counter = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+    provider: str = ""
+    output: str = "-"
+
+    @property
+    def predicted(self) -> int:
+        return self.ok + self.errors
+
+    @property
+    def images_per_s(self) -> float:
+        return self.predicted / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.errors:
+            return EXIT_SOME_FAILED
+        if self.predicted + self.resumed == 0:
+            return EXIT_NO_IMAGES
+        return EXIT_OK
+
+
+def discover(inputs: Sequence[Path], *, recursive: bool = True, exclude: Sequence[Path] = ()) -> Iterator[tuple[Path, str]]:
+    """Yield (path, skip_reason) for every file under `inputs`, in a stable order.
+
+    `skip_reason` is "" for image files. Files named explicitly are always tried as images
+    (the decoder sniffs content); files found in folders are tried when their suffix is an
+    image suffix and reported as skipped otherwise, never silently dropped. Folder links are
+    not followed (no loops); they are reported too.
+    """
+    excluded = {p.resolve() for p in exclude}
+    for root in inputs:
+        if root.is_file():
+            yield root, ""
+            continue
+        if not root.is_dir():
+            raise InputError(f"{root}: no such file or folder")
+        for folder, dirnames, filenames in os.walk(root, onerror=_walk_error):
+            dirnames.sort()
+            here = Path(folder)
+            for name in list(dirnames):
+                if (here / name).is_symlink():
+                    dirnames.remove(name)
+                    yield here / name, "link to a folder, not followed"
+            if not recursive:
+                for name in dirnames:
+                    yield here / name, "subfolder, not searched (recursion off)"
+                dirnames.clear()
+            for name in sorted(filenames):
+                path = here / name
+                if path.resolve() in excluded:
+                    continue
+                suffix = path.suffix.lower()
+                if suffix in IMAGE_SUFFIXES:
+                    yield path, ""
+                else:
+                    yield path, f"not an image file ({suffix or 'no suffix'})"
+
+
+def _walk_error(error: OSError) -> None:
+    raise InputError(f"{error.filename}: cannot list folder ({error.strerror})")
+
+
+def run_folder(
+    ensemble: Ensemble,
+    inputs: Sequence[Path],
+    *,
+    writer: ResultWriter,
+    out: Optional[Path] = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    batch_size: int = 8,
+    workers: Optional[int] = None,
+    recursive: bool = True,
+    show_progress: bool = False,
+    console: Optional[Console] = None,
+) -> RunSummary:
+    """Predict every image under `inputs`, streaming one row per file to `writer`.
+
+    With `resume`, rows already finished in `out` are kept and their files not run again.
+    """
+    for root in inputs:
+        if not root.exists():
+            raise InputError(f"{root}: no such file or folder")
+    done = writer.open(out, overwrite=overwrite, resume=resume)
+    summary = RunSummary(provider=ensemble.provider, output=str(out) if out else "-")
+    exclude = [out] if out else []
+    total = sum(1 for _ in discover(inputs, recursive=recursive, exclude=exclude)) if show_progress else None
+
+    def images() -> Iterator[Path]:
+        for path, reason in discover(inputs, recursive=recursive, exclude=exclude):
+            if str(path) in done:
+                summary.resumed += 1
+                progress.advance(task)
+            elif reason:
+                writer.skipped(str(path), reason)
+                summary.skipped += 1
+                progress.advance(task)
+            else:
+                yield path
+
+    progress = Progress(
+        TextColumn("[bold]infer"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        disable=not show_progress,
+        transient=False,
+    )
+    start = time.perf_counter()
+    try:
+        with progress:
+            task = progress.add_task("infer", total=total, rate="")
+            for prediction in ensemble.predict_many(images(), batch_size=batch_size, workers=workers):
+                writer.write(prediction)
+                if prediction.status == "ok":
+                    summary.ok += 1
+                    summary.labels[prediction.label] += 1
+                else:
+                    summary.errors += 1
+                    log.warning("%s: %s", prediction.source, prediction.error)
+                elapsed = time.perf_counter() - start
+                progress.update(task, advance=1, rate=f"{summary.predicted / elapsed:.1f} img/s" if elapsed else "")
+    finally:
+        summary.elapsed_s = time.perf_counter() - start
+        writer.close()
+    return summary

@@ -1,0 +1,153 @@
+"""Result files (CSV or JSONL) written one whole line per system call, and resumable."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pneumoedge.runtime.ensemble import Prediction
+
+FORMATS = ("csv", "jsonl")
+#: Rows with these statuses are final; a resumed run redoes the others (errors may be transient).
+FINAL_STATUSES = ("ok", "skipped")
+
+
+class OutputError(RuntimeError):
+    """The result file cannot be written as asked (exists, unreadable, from another model)."""
+
+
+def csv_columns(labels: Sequence[str], members: Sequence[str]) -> list[str]:
+    columns = ["path", "status", "label", "probability"]
+    columns += [f"p_{label}" for label in labels]
+    columns += ["disagreement", "threshold", "provider"]
+    columns += [f"member.{member}.p_{label}" for member in members for label in labels]
+    columns.append("error")
+    return columns
+
+
+def _csv_row(prediction: Prediction, labels: Sequence[str], members: Sequence[str]) -> list[Any]:
+    def fmt(value: Optional[float]) -> str:
+        return "" if value is None else f"{value:.6f}"
+
+    # One physical line per row, so a resumed run can split the file on newlines.
+    row = [_one_line(prediction.source), prediction.status, prediction.label or "", fmt(prediction.probability)]
+    row += [fmt(prediction.probabilities.get(label)) for label in labels]
+    row += [fmt(prediction.disagreement), fmt(prediction.threshold), prediction.provider or ""]
+    row += [fmt(prediction.member_probabilities.get(m, {}).get(label)) for m in members for label in labels]
+    row.append(_one_line(prediction.error))
+    return row
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+class ResultWriter:
+    """Writes predictions to a file (or stdout), one complete line per `os.write`.
+
+    A process killed mid-run leaves at most the lines it finished: a line is never split,
+    so `--resume` can trust every line it reads back.
+    """
+
+    def __init__(self, fmt: str, labels: Sequence[str], members: Sequence[str]) -> None:
+        if fmt not in FORMATS:
+            raise OutputError(f"format must be one of {FORMATS}, got {fmt!r}")
+        self.fmt = fmt
+        self.labels = list(labels)
+        self.members = list(members)
+        self._fd: Optional[int] = None
+        self._owns_fd = False
+
+    @property
+    def header(self) -> Optional[str]:
+        return _csv_line(csv_columns(self.labels, self.members)) if self.fmt == "csv" else None
+
+    def open(self, path: Optional[Path], *, overwrite: bool = False, resume: bool = False) -> set[str]:
+        """Open the output; return the paths already finished (with `resume`)."""
+        if path is None:
+            self._fd = sys.stdout.fileno()
+            sys.stdout.flush()
+            if self.header:
+                self._write(self.header)
+            return set()
+        done: set[str] = set()
+        if path.exists() and path.is_dir():
+            raise OutputError(f"{path} is a folder; give a file name for the results")
+        if path.exists() and path.stat().st_size > 0:
+            if resume:
+                done = self._prepare_resume(path)
+            elif not overwrite:
+                raise OutputError(f"{path} already exists; use --overwrite to replace it or --resume to finish it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if done else os.O_TRUNC)
+        self._fd = os.open(path, flags, 0o644)
+        self._owns_fd = True
+        if not done and self.header:
+            self._write(self.header)
+        return done
+
+    def _prepare_resume(self, path: Path) -> set[str]:
+        """Keep the finished rows of an earlier run, drop the rest, rewrite atomically."""
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        complete = lines[:-1]  # the last element is "" or a line cut short by a crash
+        kept: list[str] = []
+        done: set[str] = set()
+        if self.fmt == "csv":
+            if not complete or complete[0] + "\n" != self.header:
+                raise OutputError(
+                    f"{path}: its columns differ from this run's (another model or labels?); "
+                    "cannot resume it: use another --out or --overwrite"
+                )
+            kept.append(complete[0])
+            for line in complete[1:]:
+                fields = next(csv.reader([line]), [])
+                if len(fields) >= 2 and fields[1] in FINAL_STATUSES:
+                    kept.append(line)
+                    done.add(fields[0])
+        else:
+            for line in complete:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("status") in FINAL_STATUSES:
+                    kept.append(line)
+                    done.add(str(record.get("path")))
+        tmp = path.with_name(f".{path.name}.resume.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        return done
+
+    def write(self, prediction: Prediction) -> None:
+        if self.fmt == "csv":
+            self._write(_csv_line(_csv_row(prediction, self.labels, self.members)))
+        else:
+            self._write(json.dumps(prediction.to_dict(), ensure_ascii=False) + "\n")
+
+    def skipped(self, path: str, reason: str) -> None:
+        self.write(Prediction(source=path, status="skipped", error=reason))
+
+    def _write(self, line: str) -> None:
+        assert self._fd is not None, "open() first"
+        data = line.encode("utf-8")
+        while data:  # os.write may write less than asked only on pipes/signals
+            written = os.write(self._fd, data)
+            data = data[written:]
+
+    def close(self) -> None:
+        if self._fd is not None and self._owns_fd:
+            os.fsync(self._fd)
+            os.close(self._fd)
+        self._fd = None
+
+
+def _csv_line(fields: Sequence[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(fields)
+    return buffer.getvalue()

@@ -1,0 +1,87 @@
+"""The one place that creates onnxruntime sessions: providers (cpu/cuda/auto) and threads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda", "auto")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+_SWAP_HINT = (
+    "install the GPU build of onnxruntime instead of the CPU one (they cannot share an environment): "
+    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+)
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used; never answered by a silent fallback."""
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
+    """Session options chosen deliberately: full graph optimisation, sequential execution.
+
+    `threads` sets intra-op threads (None: onnxruntime's default, one per physical core).
+    Inter-op stays at 1 because these CNNs are a chain of ops with nothing to run in parallel.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise here
+    return options
+
+
+def create_session(
+    model: Union[str, Path, bytes], device: str = "cpu", threads: Optional[int] = None
+) -> ort.InferenceSession:
+    """Create an inference session on `device` ("cpu", "cuda" or "auto").
+
+    "cuda" fails with `DeviceError` when CUDA cannot be used, including the quiet case where
+    onnxruntime lists the CUDA provider but the session drops to CPU (a missing cuDNN or
+    cuBLAS library). "auto" takes CUDA when it works and CPU otherwise, and logs which.
+    The provider that actually runs is `session.get_providers()[0]`.
+    """
+    if device not in DEVICES:
+        raise DeviceError(f"device must be one of {DEVICES}, got {device!r}")
+    source = str(model) if isinstance(model, Path) else model
+    options = session_options(threads)
+    if device == "cpu":
+        return ort.InferenceSession(source, sess_options=options, providers=[CPU])
+    if CUDA not in available_providers():
+        if device == "cuda":
+            raise DeviceError(
+                "--device cuda was asked for, but this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {', '.join(available_providers())}); {_SWAP_HINT}"
+            )
+        log.info("no CUDA provider in this onnxruntime; running on CPU")
+        return ort.InferenceSession(source, sess_options=options, providers=[CPU])
+    try:
+        session = ort.InferenceSession(source, sess_options=options, providers=[CUDA, CPU])
+    except Exception as exc:  # onnxruntime raises its own untyped errors when CUDA libraries fail
+        if device == "cuda":
+            raise DeviceError(f"CUDA session could not be created: {exc}") from None
+        log.warning("CUDA session failed (%s); running on CPU", exc)
+        return ort.InferenceSession(source, sess_options=options, providers=[CPU])
+    if session.get_providers()[0] != CUDA:
+        if device == "cuda":
+            raise DeviceError(
+                "onnxruntime lists CUDAExecutionProvider but the session fell back to CPU "
+                "(usually missing cuDNN/cuBLAS libraries matching this onnxruntime-gpu build)"
+            )
+        log.warning("CUDA provider did not load; running on CPU")
+    return session
