@@ -61,7 +61,7 @@ class ResultWriter:
         self.labels = list(labels)
         self.members = list(members)
         self._fd: Optional[int] = None
-        self._owns_fd = False
+        self._stream: Optional[Any] = None
 
     @property
     def header(self) -> Optional[str]:
@@ -70,8 +70,7 @@ class ResultWriter:
     def open(self, path: Optional[Path], *, overwrite: bool = False, resume: bool = False) -> set[str]:
         """Open the output; return the paths already finished (with `resume`)."""
         if path is None:
-            self._fd = sys.stdout.fileno()
-            sys.stdout.flush()
+            self._stream = sys.stdout
             if self.header:
                 self._write(self.header)
             return set()
@@ -86,7 +85,6 @@ class ResultWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if done else os.O_TRUNC)
         self._fd = os.open(path, flags, 0o644)
-        self._owns_fd = True
         if not done and self.header:
             self._write(self.header)
         return done
@@ -134,6 +132,10 @@ class ResultWriter:
         self.write(Prediction(source=path, status="skipped", error=reason))
 
     def _write(self, line: str) -> None:
+        if self._stream is not None:
+            self._stream.write(line)
+            self._stream.flush()
+            return
         assert self._fd is not None, "open() first"
         data = line.encode("utf-8")
         while data:  # os.write may write less than asked only on pipes/signals
@@ -141,10 +143,11 @@ class ResultWriter:
             data = data[written:]
 
     def close(self) -> None:
-        if self._fd is not None and self._owns_fd:
+        if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)
         self._fd = None
+        self._stream = None
 
 
 def _csv_line(fields: Sequence[Any]) -> str:
