@@ -1,0 +1,380 @@
+"""Training the founding architectures on a Kaggle-layout folder; a run folder records everything.
+
+Every tensor fed to Keras comes from `pneumoedge.preprocessing.preprocess` with the run's
+spec (decoded once into numpy arrays: the data sets are small), so the runtime, which calls
+the same function with the spec saved in the run, sees exactly what training saw.
+Augmentation (flip, small rotation, zoom, contrast) runs in the tf.data pipeline at training
+time only; it is not part of the saved model, so export and the runtime never see it.
+
+Run folder:
+    model.keras      the best weights (EarlyStopping restores them; the checkpoint keeps them)
+    spec.json        the PreprocessSpec
+    run.json         architecture, task, labels, options, seed, provenance of the data
+    split.json       the patient-level train/val split actually used (files and patients)
+    history.json     per-epoch loss/accuracy/AUC (train and validation) and learning rate
+    metrics.json     validation (and test, when the data has it) metrics and the threshold
+    plots/           training curves, confusion matrices, ROC curves (PNG)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from pneumoedge.bundle import write_json_atomic
+from pneumoedge.export.architectures import get_architecture
+from pneumoedge.export.errors import TrainingError
+from pneumoedge.export.evaluation import (
+    DEFAULT_THRESHOLD_METHOD,
+    choose_threshold,
+    classification_metrics,
+    plot_history,
+    write_report,
+)
+from pneumoedge.imageio import ImageError
+from pneumoedge.preprocessing import PreprocessSpec, preprocess
+
+log = logging.getLogger(__name__)
+
+BALANCE = ("class_weight", "resample", "none")
+PROVENANCE_NAMES = ("PROVENANCE", "PROVENANCE.md", "PROVENANCE.txt", "PROVENANCE.json", "README", "README.md", "README.txt")
+
+
+@dataclass
+class RunResult:
+    """What `train` produced."""
+
+    run_dir: Path
+    arch: str
+    task: str
+    labels: tuple[str, ...]
+    spec: PreprocessSpec
+    epochs_run: int
+    best_epoch: int
+    threshold: Optional[float]
+    metrics: dict[str, Any]
+    seconds: float
+    files: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _datasets() -> Any:
+    import pneumoedge.datasets.kaggle as kaggle
+
+    return kaggle
+
+
+def dataset_provenance(data_dir: Union[str, Path]) -> dict[str, Any]:
+    """Where the data came from, and whether it is synthetic (a phantom generator's note)."""
+    root = Path(data_dir).resolve()
+    record: dict[str, Any] = {"data": str(root), "synthetic": False, "note": None}
+    for folder in (root, root.parent):
+        for name in PROVENANCE_NAMES:
+            path = folder / name
+            if path.is_file():
+                text = path.read_text(encoding="utf-8", errors="replace")
+                lowered = text.lower()
+                synthetic = "synthetic" in lowered or "phantom" in lowered
+                if name.endswith(".json"):
+                    try:
+                        data = json.loads(text)
+                        synthetic = bool(data.get("synthetic", synthetic))
+                    except (json.JSONDecodeError, AttributeError):
+                        pass
+                record.update({"synthetic": synthetic, "note": str(path), "note_excerpt": text.strip()[:400]})
+                return record
+    return record
+
+
+def load_arrays(
+    samples: Sequence[Any], spec: PreprocessSpec, task: str, labels: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training data loader: `preprocess(sample.path, spec)` stacked, and class indices.
+
+    Returns (x: (N, H, W, C) float32, y: (N,) int32 index into `labels`).
+    """
+    index = {name: i for i, name in enumerate(labels)}
+    x = np.empty((len(samples), *spec.input_shape), dtype=np.float32)
+    y = np.empty(len(samples), dtype=np.int32)
+    for i, sample in enumerate(samples):
+        try:
+            x[i] = preprocess(sample.path, spec)
+        except ImageError as exc:
+            raise TrainingError(f"{sample.path}: {exc}") from None
+        y[i] = index[sample.target(task)]
+    return x, y
+
+
+def _split_record(samples: Sequence[Any], task: str) -> list[dict[str, Any]]:
+    return [{"path": str(s.path), "patient": s.patient, "target": s.target(task)} for s in samples]
+
+
+def augmentation(spec: PreprocessSpec, seed: int) -> Any:
+    """The training-time augmentation: horizontal flip, ±~10° rotation, ±10% zoom, ±20% contrast."""
+    import keras
+    from keras import layers
+
+    low = 0.0 * spec.scale + spec.offset
+    high = 255.0 * spec.scale + spec.offset
+    if spec.mean is not None or spec.std is not None:
+        mean = min(spec.mean or (0.0,))
+        std = min(spec.std or (1.0,))
+        low, high = (low - mean) / std, (high - mean) / std
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomRotation(0.03, fill_mode="constant", seed=seed + 1),
+            layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
+            layers.RandomContrast(0.2, value_range=(min(low, high), max(low, high)), seed=seed + 3),
+        ],
+        name="augmentation",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def train(
+    data_dir: Union[str, Path],
+    arch: str,
+    out_dir: Union[str, Path],
+    *,
+    task: str = "binary",
+    epochs: int = 20,
+    batch_size: int = 16,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    balance: str = "class_weight",
+    size: Optional[Sequence[int]] = None,
+    patience: int = 4,
+    learning_rate: float = 1e-3,
+    threshold_method: str = DEFAULT_THRESHOLD_METHOD,
+    augment: bool = True,
+    on_epoch: Optional[Callable[[int, int, dict[str, float]], None]] = None,
+) -> RunResult:
+    """Train architecture `arch` on the Kaggle-layout folder `data_dir`; write a run folder.
+
+    Args:
+        data_dir: root holding train/ (and optionally test/) with NORMAL/ and PNEUMONIA/.
+        arch: a name from `architectures.ARCHITECTURES`.
+        out_dir: the run folder (created; an existing model.keras there is refused).
+        task: "binary" (NORMAL/PNEUMONIA, one sigmoid unit) or "multiclass"
+            (NORMAL/BACTERIAL/VIRAL, softmax).
+        val_fraction: share of train/ images, whole patients at a time, held out for validation.
+        balance: "class_weight", "resample" (oversample minority classes) or "none".
+        size: (height, width) override of the architecture's input size.
+        patience: EarlyStopping patience in epochs (ReduceLROnPlateau uses half of it).
+        threshold_method: how the binary threshold is chosen on validation data.
+        on_epoch: called as on_epoch(epoch, epochs, logs) after each epoch (progress bars).
+
+    Returns:
+        RunResult; the run folder's files are listed in `files`.
+    """
+    import keras
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    if balance not in BALANCE:
+        raise TrainingError(f"balance must be one of {BALANCE}, got {balance!r}")
+    if epochs < 1 or batch_size < 1:
+        raise TrainingError("epochs and batch size must be at least 1")
+    architecture = get_architecture(arch)
+    spec = architecture.default_spec(size)
+    run_dir = Path(out_dir)
+    if (run_dir / "model.keras").exists():
+        raise TrainingError(f"{run_dir} already holds a trained model; choose another --out or remove it")
+    kaggle = _datasets()
+    try:
+        labels = kaggle.labels_for(task)
+        samples = kaggle.scan(data_dir, split="train")
+        train_samples, val_samples = kaggle.patient_split(samples, val_fraction, seed)
+        if balance == "resample":
+            fit_samples = kaggle.balanced_resample(train_samples, task, seed)
+            weights = None
+        else:
+            fit_samples = train_samples
+            weights = kaggle.class_weights(train_samples, task) if balance == "class_weight" else None
+        for s in train_samples + val_samples:
+            s.target(task)
+    except kaggle.DatasetError as exc:
+        raise TrainingError(str(exc)) from None
+    if not val_samples:
+        raise TrainingError(f"{data_dir}: too few patients to hold out a validation split (val_fraction {val_fraction})")
+    test_samples: list[Any] = []
+    if (Path(data_dir) / "test").is_dir():
+        try:
+            test_samples = kaggle.scan(data_dir, split="test")
+            for s in test_samples:
+                s.target(task)
+        except kaggle.DatasetError as exc:
+            log.warning("test split not used: %s", exc)
+            test_samples = []
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plots").mkdir(exist_ok=True)
+    keras.utils.set_random_seed(seed)
+
+    log.info("preprocessing %d train + %d val images at %dx%d", len(train_samples), len(val_samples), spec.height, spec.width)
+    x_train, y_train = load_arrays(fit_samples, spec, task, labels)
+    x_val, y_val = load_arrays(val_samples, spec, task, labels)
+
+    model = architecture.build(task, num_classes=len(labels), size=size)
+    binary = task == "binary"
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+        metrics=["accuracy"] + ([keras.metrics.AUC(name="auc")] if binary else []),
+    )
+
+    augmenter = augmentation(spec, seed) if augment else None
+    train_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32) if binary else y_train))
+    train_ds = train_ds.shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    if augmenter is not None:
+        train_ds = train_ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=1)
+    train_ds = train_ds.prefetch(2)
+    val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val.astype(np.float32) if binary else y_val)).batch(64)
+
+    checkpoint = run_dir / "checkpoint.best.keras"
+    callbacks: list[Any] = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 2), min_lr=1e-5),
+        keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
+    ]
+    if on_epoch is not None:
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, epochs, dict(logs or {}))))
+    class_weight = {labels.index(name): float(w) for name, w in weights.items()} if weights else None
+    fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=class_weight, callbacks=callbacks, verbose=0)
+    history = {k: [float(v) for v in values] for k, values in fit.history.items()}
+    val_losses = history.get("val_loss", [])
+    best_epoch = int(np.argmin(val_losses)) + 1 if val_losses else len(history.get("loss", []))
+    # EarlyStopping restores the best weights only when it stops early; load the best checkpoint
+    # so the saved model is the best one in every case.
+    if checkpoint.exists():
+        model = keras.saving.load_model(checkpoint, compile=False)
+        checkpoint.unlink()
+    model.save(run_dir / "model.keras")
+
+    # Metrics: validation chooses the threshold; test (if any) is reported at that threshold.
+    p_val = model.predict(x_val, batch_size=64, verbose=0)
+    metrics: dict[str, Any] = {"task": task, "labels": list(labels)}
+    threshold = None
+    if binary:
+        choice = choose_threshold(y_val, p_val[:, 0], threshold_method)
+        threshold = choice["threshold"]
+        metrics["threshold"] = choice
+    metrics["validation"] = classification_metrics(y_val, p_val, labels, threshold)
+    files = {"model": str(run_dir / "model.keras")}
+    files.update({f"validation_{k}": v for k, v in write_report(run_dir / "plots", "validation", y_val, p_val, labels, metrics["validation"]).items() if k != "metrics"})
+    (run_dir / "plots" / "validation.json").unlink(missing_ok=True)
+    if test_samples:
+        x_test, y_test = load_arrays(test_samples, spec, task, labels)
+        p_test = model.predict(x_test, batch_size=64, verbose=0)
+        metrics["test"] = classification_metrics(y_test, p_test, labels, threshold)
+        files.update({f"test_{k}": v for k, v in write_report(run_dir / "plots", "test", y_test, p_test, labels, metrics["test"]).items() if k != "metrics"})
+        (run_dir / "plots" / "test.json").unlink(missing_ok=True)
+    files["training_curves"] = str(plot_history(history, run_dir / "plots" / "training_curves.png"))
+
+    provenance = dataset_provenance(data_dir)
+    seconds = time.perf_counter() - started
+    run_record = {
+        "arch": arch,
+        "description": architecture.description,
+        "task": task,
+        "labels": list(labels),
+        "head": "sigmoid" if binary else "softmax",
+        "parameters": int(model.count_params()),
+        "options": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "balance": balance,
+            "patience": patience,
+            "learning_rate": learning_rate,
+            "augment": augment,
+            "threshold_method": threshold_method,
+        },
+        "counts": {"train": len(train_samples), "fit": len(fit_samples), "val": len(val_samples), "test": len(test_samples)},
+        "epochs_run": len(history.get("loss", [])),
+        "best_epoch": best_epoch,
+        "seconds": round(seconds, 1),
+        "provenance": provenance,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+    }
+    write_json_atomic(run_dir / "spec.json", spec.to_dict())
+    write_json_atomic(run_dir / "labels.json", list(labels))
+    write_json_atomic(run_dir / "history.json", history)
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    write_json_atomic(run_dir / "split.json", {"seed": seed, "val_fraction": val_fraction, "train": _split_record(train_samples, task), "val": _split_record(val_samples, task)})
+    write_json_atomic(run_dir / "run.json", run_record)
+    for name in ("spec", "labels", "history", "metrics", "split", "run"):
+        files[name] = str(run_dir / f"{name}.json")
+    return RunResult(
+        run_dir=run_dir,
+        arch=arch,
+        task=task,
+        labels=tuple(labels),
+        spec=spec,
+        epochs_run=run_record["epochs_run"],
+        best_epoch=best_epoch,
+        threshold=threshold,
+        metrics=metrics,
+        seconds=seconds,
+        files=files,
+    )
+
+
+@dataclass
+class Run:
+    """A run folder read back: what export and evaluation need."""
+
+    run_dir: Path
+    record: dict[str, Any]
+    spec: PreprocessSpec
+    labels: tuple[str, ...]
+    metrics: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return self.record["task"]
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.resolve().name
+
+    @property
+    def threshold(self) -> Optional[float]:
+        choice = self.metrics.get("threshold")
+        return None if choice is None else float(choice["threshold"])
+
+    def split(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "split.json").read_text(encoding="utf-8"))
+
+
+def is_run_dir(path: Union[str, Path]) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "model.keras").is_file() and (p / "run.json").is_file()
+
+
+def read_run(run_dir: Union[str, Path]) -> Run:
+    """Read a run folder written by `train`; a clear error when it is not one."""
+    root = Path(run_dir)
+    if not is_run_dir(root):
+        raise TrainingError(f"{root}: not a pneumoedge run folder (needs model.keras and run.json from `pneumoedge train`)")
+    try:
+        record = json.loads((root / "run.json").read_text(encoding="utf-8"))
+        spec = PreprocessSpec.from_dict(json.loads((root / "spec.json").read_text(encoding="utf-8")))
+        metrics = json.loads((root / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, ValueError) as exc:
+        raise TrainingError(f"{root}: unreadable run folder: {exc}") from None
+    return Run(root, record, spec, tuple(record["labels"]), metrics)
