@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pneumoedge.imageio import IMAGE_SUFFIXES
-from pneumoedge.runtime.ensemble import Ensemble
+from pneumoedge.runtime.ensemble import Ensemble, Prediction
 from pneumoedge.runtime.results import ResultWriter
 
 log = logging.getLogger(__name__)
@@ -59,45 +59,49 @@ class RunSummary:
         return EXIT_OK
 
 
-def discover(inputs: Sequence[Path], *, recursive: bool = True, exclude: Sequence[Path] = ()) -> Iterator[tuple[Path, str]]:
-    """Yield (path, skip_reason) for every file under `inputs`, in a stable order.
+def discover(
+    inputs: Sequence[Path], *, recursive: bool = True, exclude: Sequence[Path] = ()
+) -> Iterator[tuple[Path, str, str]]:
+    """Yield (path, kind, reason) for every file under `inputs`, in a stable order, lazily.
 
-    `skip_reason` is "" for image files. Files named explicitly are always tried as images
-    (the decoder sniffs content); files found in folders are tried when their suffix is an
-    image suffix and reported as skipped otherwise, never silently dropped. Folder links are
-    not followed (no loops); they are reported too.
+    `kind` is "image" (to predict), "skipped" (not an image file, or a folder link, which is
+    not followed so loops cannot happen) or "error" (a folder that cannot be listed). Files
+    named explicitly are always tried as images (the decoder sniffs content). Nothing found
+    is dropped silently.
     """
-    excluded = {p.resolve() for p in exclude}
+    excluded = {os.path.realpath(p) for p in exclude}
     for root in inputs:
-        if root.is_file():
-            yield root, ""
-            continue
         if not root.is_dir():
-            raise InputError(f"{root}: no such file or folder")
-        for folder, dirnames, filenames in os.walk(root, onerror=_walk_error):
+            if not root.exists():
+                raise InputError(f"{root}: no such file or folder")
+            yield root, "image", ""
+            continue
+        unlistable: list[OSError] = []
+        for folder, dirnames, filenames in os.walk(root, onerror=unlistable.append):
+            while unlistable:
+                error = unlistable.pop()
+                yield Path(error.filename), "error", f"cannot list folder: {error.strerror}"
             dirnames.sort()
             here = Path(folder)
             for name in list(dirnames):
                 if (here / name).is_symlink():
                     dirnames.remove(name)
-                    yield here / name, "link to a folder, not followed"
+                    yield here / name, "skipped", "link to a folder, not followed"
             if not recursive:
                 for name in dirnames:
-                    yield here / name, "subfolder, not searched (recursion off)"
+                    yield here / name, "skipped", "subfolder, not searched (--no-recursive)"
                 dirnames.clear()
             for name in sorted(filenames):
                 path = here / name
-                if path.resolve() in excluded:
+                if excluded and os.path.realpath(path) in excluded:
                     continue
                 suffix = path.suffix.lower()
                 if suffix in IMAGE_SUFFIXES:
-                    yield path, ""
+                    yield path, "image", ""
                 else:
-                    yield path, f"not an image file ({suffix or 'no suffix'})"
-
-
-def _walk_error(error: OSError) -> None:
-    raise InputError(f"{error.filename}: cannot list folder ({error.strerror})")
+                    yield path, "skipped", f"not an image file ({suffix or 'no suffix'})"
+        for error in unlistable:
+            yield Path(error.filename), "error", f"cannot list folder: {error.strerror}"
 
 
 def run_folder(
@@ -127,16 +131,20 @@ def run_folder(
     total = sum(1 for _ in discover(inputs, recursive=recursive, exclude=exclude)) if show_progress else None
 
     def images() -> Iterator[Path]:
-        for path, reason in discover(inputs, recursive=recursive, exclude=exclude):
+        for path, kind, reason in discover(inputs, recursive=recursive, exclude=exclude):
             if str(path) in done:
                 summary.resumed += 1
-                progress.advance(task)
-            elif reason:
-                writer.skipped(str(path), reason)
-                summary.skipped += 1
-                progress.advance(task)
-            else:
+            elif kind == "image":
                 yield path
+                continue
+            elif kind == "skipped":
+                writer.write(Prediction(source=str(path), status="skipped", error=reason))
+                summary.skipped += 1
+            else:
+                writer.write(Prediction(source=str(path), status="error", error=reason))
+                summary.errors += 1
+                log.warning("%s: %s", path, reason)
+            progress.advance(task)
 
     progress = Progress(
         TextColumn("[bold]infer"),

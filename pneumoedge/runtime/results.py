@@ -128,9 +128,6 @@ class ResultWriter:
         else:
             self._write(json.dumps(prediction.to_dict(), ensure_ascii=False) + "\n")
 
-    def skipped(self, path: str, reason: str) -> None:
-        self.write(Prediction(source=path, status="skipped", error=reason))
-
     def _write(self, line: str) -> None:
         if self._stream is not None:
             self._stream.write(line)
