@@ -115,3 +115,23 @@ def test_cuda_without_cuda_provider_fails_clearly(bundle_dir: Path) -> None:
     with pytest.raises(pneumoedge.DeviceError, match="no CUDAExecutionProvider.*onnxruntime-gpu"):
         pneumoedge.load(bundle_dir, device="cuda")
     assert pneumoedge.load(bundle_dir, device="auto").provider == "CPUExecutionProvider"
+
+
+def test_predict_many_reads_ahead_a_bounded_amount(bundle_dir: Path, image_folder: Path) -> None:
+    """Memory stays flat on huge folders: inputs are pulled lazily, a bounded window ahead."""
+    model = pneumoedge.load(bundle_dir)
+    paths = sorted(image_folder.rglob("*.*"))
+    pulled = 0
+
+    def endless():
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield paths[pulled % len(paths)]
+
+    batch, workers = 4, 2
+    stream = model.predict_many(endless(), batch_size=batch, workers=workers)
+    for done in range(1, 200):
+        next(stream)
+        assert pulled - done <= batch * 3 + workers
+    stream.close()
