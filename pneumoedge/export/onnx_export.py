@@ -163,10 +163,11 @@ def phantom_folder(root: Union[str, Path], *, count: int = 24, size: int = 128, 
     """Generate a small set of labelled synthetic phantoms (Kaggle layout) under `root`."""
     from pneumoedge.datasets import phantoms
 
-    half = max(1, count // 2)
+    normal = max(1, count // 2)
+    bacteria = max(1, (count - normal) // 2)
     phantoms.generate_dataset(
         root,
-        counts={"train": {"NORMAL": half, "PNEUMONIA": count - half}},
+        counts={"train": {"normal": normal, "bacteria": bacteria, "virus": max(1, count - normal - bacteria)}},
         size=size,
         seed=seed,
         sixteen_bit_fraction=0.2,

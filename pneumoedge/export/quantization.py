@@ -1,0 +1,441 @@
+"""int8 by onnxruntime static quantization (QDQ, per-channel), checked against fp32, with a recipe search.
+
+Steps: `quant_pre_process` (shape inference + graph optimisation), calibration on real images
+through `preprocess` (a `CalibrationDataReader` over a folder), `quantize_static` in QDQ
+format, then a comparison with the fp32 model on images: largest probability difference,
+label agreement, and with labelled data the accuracy/AUC change; each candidate is also timed
+with onnxruntime on this CPU.
+
+int8 is not free accuracy. On x86 without VNNI, u8s8 kernels can saturate (VPMADDUBSW) and a
+larger CNN can disagree with fp32 on many labels. When the default recipe misses the
+tolerance, the search tries the other type pairs, reduce_range, other calibration methods, and
+finally keeps the most quantization-sensitive nodes in fp32 (found with onnxruntime's
+`qdq_loss_debug`), and keeps the FASTEST candidate that meets the tolerance. Every candidate
+tried is reported. The final Sigmoid/Softmax always stays in float: quantizing a probability to
+256 steps would cost resolution exactly where the threshold lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from pneumoedge.bundle import ONNX_METADATA_KEY, ModelCard, card_from_metadata
+from pneumoedge.export.errors import QuantizationError
+from pneumoedge.export.evaluation import classification_metrics
+from pneumoedge.export.onnx_export import apply_activation, class_probabilities, onnx_session, run_onnx
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+TYPES = ("uint8", "int8")
+#: Ops quantized. Sigmoid/Softmax (the probability) stay in float on purpose.
+OPS_TO_QUANTIZE = ("Conv", "MatMul", "Gemm", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to quantize: activation/weight types, reduce_range, calibration, excluded nodes."""
+
+    name: str
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    reduce_range: bool = False
+    calibrate_method: str = "minmax"
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["exclude"] = list(self.exclude)
+        return data
+
+
+#: The registry of recipes, the default first. Names: activation+weight types, then options.
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("u8s8"),
+        Recipe("u8s8_reduce_range", reduce_range=True),
+        Recipe("u8u8", weight_type="uint8"),
+        Recipe("s8s8", activation_type="int8"),
+        Recipe("u8s8_entropy", calibrate_method="entropy"),
+        Recipe("u8s8_percentile", calibrate_method="percentile"),
+        Recipe("u8u8_percentile", weight_type="uint8", calibrate_method="percentile"),
+    )
+}
+DEFAULT_RECIPE = "u8s8"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What int8 must keep: the largest |p_int8 - p_fp32| and the share of identical labels."""
+
+    max_prob_diff: float = 0.05
+    min_agreement: float = 0.98
+
+
+@dataclass
+class Candidate:
+    """One recipe tried: its numbers, and whether it met the tolerance."""
+
+    recipe: Recipe
+    max_prob_diff: float
+    mean_prob_diff: float
+    agreement: float
+    latency_ms: float
+    size_bytes: int
+    qdq_nodes: int
+    meets: bool
+    accuracy: Optional[float] = None
+    roc_auc: Optional[float] = None
+    path: Optional[Path] = None
+    error: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k not in ("recipe", "path")}
+        data["recipe"] = self.recipe.to_dict()
+        return data
+
+
+@dataclass
+class QuantizationResult:
+    """The chosen int8 model (if any) and everything tried."""
+
+    int8_path: Optional[Path]
+    chosen: Optional[Candidate]
+    tried: list[Candidate]
+    fp32_size_bytes: int
+    fp32_latency_ms: float
+    fp32_accuracy: Optional[float]
+    fp32_roc_auc: Optional[float]
+    images: int
+    calibration_images: int
+    tolerance: Tolerance
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.chosen is not None and self.chosen.meets
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "int8_path": str(self.int8_path) if self.int8_path else None,
+            "ok": self.ok,
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            "tried": [c.to_dict() for c in self.tried],
+            "fp32": {"size_bytes": self.fp32_size_bytes, "latency_ms": self.fp32_latency_ms, "accuracy": self.fp32_accuracy, "roc_auc": self.fp32_roc_auc},
+            "images": self.images,
+            "calibration_images": self.calibration_images,
+            "tolerance": asdict(self.tolerance),
+            "seconds": round(self.seconds, 2),
+            "warnings": self.warnings,
+        }
+
+
+def _calibration_reader(tensors: np.ndarray, input_name: str, batch_size: int = 8) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class TensorReader(CalibrationDataReader):
+        """Feeds preprocessed image tensors, `batch_size` at a time, then None."""
+
+        def __init__(self) -> None:
+            self._starts = iter(range(0, len(tensors), batch_size))
+
+        def get_next(self) -> Optional[dict[str, np.ndarray]]:
+            start = next(self._starts, None)
+            if start is None:
+                return None
+            return {input_name: np.ascontiguousarray(tensors[start : start + batch_size], dtype=np.float32)}
+
+        def rewind(self) -> None:
+            self._starts = iter(range(0, len(tensors), batch_size))
+
+    return TensorReader()
+
+
+def preprocess_for_quantization(fp32_path: Union[str, Path], out_path: Union[str, Path]) -> Path:
+    """onnxruntime's `quant_pre_process`: symbolic shape inference and graph optimisation."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
+    except Exception as exc:  # shape inference can fail on exotic graphs: fall back, but say so
+        log.warning("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
+        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+    return Path(out_path)
+
+
+def quantize_with(recipe: Recipe, pre_path: Path, out_path: Path, calibration: np.ndarray, card: ModelCard) -> Path:
+    """Quantize `pre_path` with `recipe`, calibrating on `calibration`; keep the model card."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as _quantize_static
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    name = onnx_session(pre_path).get_inputs()[0].name
+    extra = {"CalibMovingAverage": False}
+    if recipe.calibrate_method == "percentile":
+        extra["CalibPercentile"] = 99.99
+    with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress to stdout
+        _quantize_static(
+            str(pre_path),
+            str(out_path),
+            _calibration_reader(calibration, name),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(OPS_TO_QUANTIZE),
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            activation_type=types[recipe.activation_type],
+            weight_type=types[recipe.weight_type],
+            nodes_to_exclude=list(recipe.exclude) or None,
+            calibrate_method=methods[recipe.calibrate_method],
+            extra_options=extra,
+        )
+    model = onnx.load(str(out_path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props[ONNX_METADATA_KEY] = json.dumps(card.to_dict())
+    props["pneumoedge_quantization"] = json.dumps(recipe.to_dict())
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(out_path))
+    return Path(out_path)
+
+
+def qdq_node_count(path: Union[str, Path]) -> int:
+    """Number of QuantizeLinear + DequantizeLinear nodes (0 means nothing was quantized)."""
+    import onnx
+
+    return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(str(path)).graph.node)
+
+
+def time_model(path: Union[str, Path], sample: np.ndarray, *, runs: int = 30, threads: Optional[int] = None) -> float:
+    """Median latency in ms of one image through onnxruntime on this CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(sample[:1], dtype=np.float32)}
+    for _ in range(3):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t) * 1000.0)
+    return float(statistics.median(times))
+
+
+def _probabilities(path: Path, tensors: np.ndarray, activation: str) -> np.ndarray:
+    return class_probabilities(apply_activation(run_onnx(onnx_session(path, threads=2), tensors), activation))
+
+
+def _decide(probs: np.ndarray, threshold: Optional[float]) -> np.ndarray:
+    if probs.shape[1] == 2 and threshold is not None:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)
+
+
+def sensitive_nodes(pre_path: Path, int8_path: Path, tensors: np.ndarray, limit: int) -> list[str]:
+    """Nodes around the activations that quantization hurts most (lowest QDQ SQNR), most hurt first.
+
+    Uses onnxruntime.quantization.qdq_loss_debug: both models are augmented to output their
+    intermediate tensors, run on the same images, and each activation's signal-to-quantization-
+    noise ratio is computed; the producer and consumers of the worst tensors are returned.
+    """
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    name = onnx_session(pre_path).get_inputs()[0].name
+    with tempfile.TemporaryDirectory(prefix="pneumoedge-qdq-debug-") as tmp:
+        aug_float = Path(tmp) / "float_aug.onnx"
+        aug_qdq = Path(tmp) / "qdq_aug.onnx"
+        modify_model_output_intermediate_tensors(str(pre_path), str(aug_float))
+        modify_model_output_intermediate_tensors(str(int8_path), str(aug_qdq))
+        sample = tensors[: min(len(tensors), 16)]
+        float_acts = collect_activations(str(aug_float), _calibration_reader(sample, name))
+        qdq_acts = collect_activations(str(aug_qdq), _calibration_reader(sample, name))
+    errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+    ranked = sorted(
+        (value.get("qdq_err", np.inf), tensor) for tensor, value in errors.items() if np.isfinite(value.get("qdq_err", np.inf))
+    )
+    graph = onnx.load(str(pre_path)).graph
+    nodes: list[str] = []
+    for _, tensor in ranked:
+        for node in graph.node:
+            if (tensor in node.output or tensor in node.input) and node.name and node.name not in nodes and node.op_type in OPS_TO_QUANTIZE:
+                nodes.append(node.name)
+        if len(nodes) >= limit:
+            break
+    return nodes[:limit]
+
+
+def quantize_int8(
+    fp32_path: Union[str, Path],
+    out_path: Union[str, Path],
+    calibration: np.ndarray,
+    *,
+    eval_tensors: Optional[np.ndarray] = None,
+    y_true: Optional[np.ndarray] = None,
+    threshold: Optional[float] = None,
+    tolerance: Tolerance = Tolerance(),
+    recipe: Union[str, Recipe] = DEFAULT_RECIPE,
+    calibrate_method: Optional[str] = None,
+    search: bool = True,
+    exclude_limits: Sequence[int] = (1, 2, 4),
+    on_fail: str = "refuse",
+) -> QuantizationResult:
+    """Quantize an exported fp32 ONNX model to int8 and check it against fp32.
+
+    Args:
+        fp32_path: an ONNX file written by `onnx_export` (its model card is kept in the int8 file).
+        out_path: where the chosen int8 model goes.
+        calibration: preprocessed image tensors (N, H, W, C) for calibration (real images).
+        eval_tensors: images to compare fp32 and int8 on (default: the calibration images).
+        y_true: class indices of `eval_tensors`, for the accuracy/AUC change.
+        threshold: the binary decision threshold for label agreement (default 0.5).
+        tolerance: what int8 must keep (largest probability difference, label agreement).
+        recipe: the first recipe (a name from RECIPES, or a Recipe); `calibrate_method` overrides
+            its calibration method.
+        search: when the first recipe misses the tolerance, try the others (and fp32-kept
+            sensitive nodes) and keep the fastest that meets it.
+        on_fail: "refuse" (raise QuantizationError) or "warn" (keep the closest candidate,
+            with a warning in the result) when nothing meets the tolerance.
+    """
+    started = time.perf_counter()
+    fp32 = Path(fp32_path)
+    out = Path(out_path)
+    if on_fail not in ("refuse", "warn"):
+        raise QuantizationError(f"on_fail must be 'refuse' or 'warn', got {on_fail!r}")
+    first = RECIPES.get(recipe) if isinstance(recipe, str) else recipe
+    if first is None:
+        raise QuantizationError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    if calibrate_method:
+        if calibrate_method not in CALIBRATION_METHODS:
+            raise QuantizationError(f"calibration method must be one of {CALIBRATION_METHODS}, got {calibrate_method!r}")
+        first = replace(first, name=f"{first.name}[{calibrate_method}]", calibrate_method=calibrate_method)
+    if calibration is None or len(calibration) == 0:
+        raise QuantizationError("int8 needs calibration images (a folder of real images through the model's preprocessing)")
+    card = card_from_metadata(onnx_session(fp32).get_modelmeta().custom_metadata_map, str(fp32))
+    eval_tensors = calibration if eval_tensors is None else eval_tensors
+    labels = list(card.labels)
+    threshold = 0.5 if threshold is None and card.task == "binary" else threshold
+
+    p_fp32 = _probabilities(fp32, eval_tensors, card.activation)
+    fp32_pred = _decide(p_fp32, threshold)
+    fp32_metrics = classification_metrics(y_true, p_fp32, labels, threshold) if y_true is not None else None
+    fp32_latency = time_model(fp32, eval_tensors)
+
+    tried: list[Candidate] = []
+    with tempfile.TemporaryDirectory(prefix="pneumoedge-int8-") as tmp:
+        work = Path(tmp)
+        pre = preprocess_for_quantization(fp32, work / "pre.onnx")
+
+        def attempt(rec: Recipe) -> Candidate:
+            path = work / f"{len(tried):02d}_{rec.name.replace('[', '_').replace(']', '')}.onnx"
+            log.info("int8: trying recipe %s", rec.name)
+            try:
+                quantize_with(rec, pre, path, calibration, card)
+                p_int8 = _probabilities(path, eval_tensors, card.activation)
+            except Exception as exc:  # a recipe onnxruntime cannot build or run is reported, not fatal
+                candidate = Candidate(rec, np.inf, np.inf, 0.0, np.inf, 0, 0, False, error=f"{type(exc).__name__}: {exc}")
+                tried.append(candidate)
+                return candidate
+            diff = np.abs(p_int8 - p_fp32)
+            agreement = float((_decide(p_int8, threshold) == fp32_pred).mean())
+            candidate = Candidate(
+                recipe=rec,
+                max_prob_diff=float(diff.max()),
+                mean_prob_diff=float(diff.mean()),
+                agreement=agreement,
+                latency_ms=time_model(path, eval_tensors),
+                size_bytes=path.stat().st_size,
+                qdq_nodes=qdq_node_count(path),
+                meets=bool(diff.max() <= tolerance.max_prob_diff and agreement >= tolerance.min_agreement),
+                path=path,
+            )
+            if y_true is not None:
+                m = classification_metrics(y_true, p_int8, labels, threshold)
+                candidate.accuracy, candidate.roc_auc = m["accuracy"], m["roc_auc"]
+            tried.append(candidate)
+            log.info("int8 %s: max diff %.4f, agreement %.3f, %.2f ms", rec.name, candidate.max_prob_diff, agreement, candidate.latency_ms)
+            return candidate
+
+        attempt(first)
+        if search and not tried[0].meets:
+            for rec in RECIPES.values():
+                if rec.name != first.name:
+                    attempt(rec)
+            if not any(c.meets for c in tried):
+                base = min((c for c in tried if c.error is None), key=lambda c: c.max_prob_diff, default=None)
+                if base is not None:
+                    for limit in exclude_limits:
+                        try:
+                            nodes = sensitive_nodes(pre, base.path, eval_tensors, limit)
+                        except Exception as exc:  # the debugging tools are best effort
+                            log.warning("qdq_loss_debug failed: %s", exc)
+                            break
+                        if not nodes:
+                            break
+                        if attempt(replace(base.recipe, name=f"{base.recipe.name}+fp32[{','.join(nodes)}]", exclude=tuple(nodes))).meets:
+                            break
+        meeting = [c for c in tried if c.meets]
+        warnings: list[str] = []
+        if meeting:
+            chosen = min(meeting, key=lambda c: c.latency_ms)
+        else:
+            usable = [c for c in tried if c.error is None]
+            chosen = min(usable, key=lambda c: (-c.agreement, c.max_prob_diff)) if usable else None
+            summary = "; ".join(
+                f"{c.recipe.name}: max diff {c.max_prob_diff:.3g}, agreement {c.agreement:.3f}" if c.error is None else f"{c.recipe.name}: {c.error}"
+                for c in tried
+            )
+            message = (
+                f"no int8 recipe meets the tolerance (max prob diff <= {tolerance.max_prob_diff}, "
+                f"agreement >= {tolerance.min_agreement}) on {len(eval_tensors)} images. Tried: {summary}"
+            )
+            if on_fail == "refuse" or chosen is None:
+                raise QuantizationError(message + ". Keep the fp32 model, or loosen the tolerance knowingly.")
+            warnings.append(message)
+        if chosen is not None and chosen.latency_ms > fp32_latency:
+            warnings.append(
+                f"int8 ({chosen.latency_ms:.2f} ms) is not faster than fp32 ({fp32_latency:.2f} ms) on this CPU for this model"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chosen.path, out)
+        for c in tried:
+            c.path = out if c is chosen else None
+    return QuantizationResult(
+        int8_path=out,
+        chosen=chosen,
+        tried=tried,
+        fp32_size_bytes=fp32.stat().st_size,
+        fp32_latency_ms=fp32_latency,
+        fp32_accuracy=fp32_metrics["accuracy"] if fp32_metrics else None,
+        fp32_roc_auc=fp32_metrics["roc_auc"] if fp32_metrics else None,
+        images=len(eval_tensors),
+        calibration_images=len(calibration),
+        tolerance=tolerance,
+        seconds=time.perf_counter() - started,
+        warnings=warnings,
+    )
