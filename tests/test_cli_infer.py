@@ -40,6 +40,7 @@ def test_folder_with_bad_files_accounts_for_every_file(bundle_dir: Path, image_f
     assert ok["member.gray.p_PNEUMONIA"] and ok["member.rgb.p_PNEUMONIA"]
     assert float(ok["threshold"]) == 0.4 and ok["provider"] == "CPUExecutionProvider"
     assert "never a diagnosis" in result.output
+    assert "error" in result.output and "empty.png: empty file" in result.output
 
 
 def test_rows_match_python_api(bundle_dir: Path, image_folder: Path, tmp_path: Path) -> None:

@@ -103,6 +103,10 @@ def _print_summary(summary: RunSummary, threshold: Optional[float]) -> None:
     table.add_row("provider", summary.provider)
     table.add_row("results", summary.output)
     stderr.print(table)
+    for path, reason in summary.first_errors:
+        stderr.print(f"[red]error[/] {path}: {reason}", highlight=False, soft_wrap=True)
+    if summary.errors > len(summary.first_errors):
+        stderr.print(f"… and {summary.errors - len(summary.first_errors)} more errors (status 'error' in the results)")
     stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
 
 

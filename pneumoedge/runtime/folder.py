@@ -38,9 +38,17 @@ class RunSummary:
     skipped: int = 0
     resumed: int = 0
     labels: Counter = field(default_factory=Counter)
+    #: The first few failures, (path, reason), for the summary; all of them are in the results.
+    first_errors: list = field(default_factory=list)
     elapsed_s: float = 0.0
     provider: str = ""
     output: str = "-"
+
+    def failed(self, path: str, reason: str) -> None:
+        self.errors += 1
+        if len(self.first_errors) < 5:
+            self.first_errors.append((path, reason))
+        log.warning("%s: %s", path, reason)
 
     @property
     def predicted(self) -> int:
@@ -142,8 +150,7 @@ def run_folder(
                 summary.skipped += 1
             else:
                 writer.write(Prediction(source=str(path), status="error", error=reason))
-                summary.errors += 1
-                log.warning("%s: %s", path, reason)
+                summary.failed(str(path), reason)
             progress.advance(task)
 
     progress = Progress(
@@ -167,8 +174,7 @@ def run_folder(
                     summary.ok += 1
                     summary.labels[prediction.label] += 1
                 else:
-                    summary.errors += 1
-                    log.warning("%s: %s", prediction.source, prediction.error)
+                    summary.failed(prediction.source, prediction.error)
                 elapsed = time.perf_counter() - start
                 progress.update(task, advance=1, rate=f"{summary.predicted / elapsed:.1f} img/s" if elapsed else "")
     finally:
