@@ -1,0 +1,116 @@
+"""`pneumoedge export`: Keras -> parity-checked ONNX (+ int8) in a bundle; runs or foreign models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typing_extensions import Annotated
+
+from pneumoedge.export.cli_support import export_errors
+from pneumoedge.export.errors import ExportError
+
+
+def export_command(
+    models: Annotated[List[Path], typer.Argument(help="Run folders from `train` (one bundle, an ensemble when several), or ONE foreign .keras/.h5 file or SavedModel folder.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (or, for a foreign model, a single .onnx file).", show_default=False)],
+    weights: Annotated[Optional[str], typer.Option(help="Ensemble weights, comma-separated, one per run (default equal).", show_default=False)] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write int8 members (static QDQ, per-channel), checked against fp32.")] = False,
+    calibration: Annotated[Optional[Path], typer.Option(help="Folder of images for int8 calibration (default: the runs' training images).", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of images for the parity check (default: validation images, or generated phantoms).", show_default=False)] = None,
+    tolerance: Annotated[float, typer.Option(help="Largest accepted |p_keras - p_onnx|; export refuses beyond it.")] = 1e-4,
+    int8_max_diff: Annotated[float, typer.Option(help="int8: largest accepted |p_int8 - p_fp32|.")] = 0.05,
+    int8_min_agreement: Annotated[float, typer.Option(help="int8: smallest accepted share of labels equal to fp32's.")] = 0.98,
+    recipe: Annotated[str, typer.Option(help="First int8 recipe: u8s8, u8s8_reduce_range, u8u8, s8s8, u8s8_entropy, u8s8_percentile, u8u8_percentile.")] = "u8s8",
+    calibration_method: Annotated[Optional[str], typer.Option(help="Override the recipe's calibration: minmax, entropy or percentile.", show_default=False)] = None,
+    no_search: Annotated[bool, typer.Option("--no-search", help="Do not try other int8 recipes when the first misses the tolerance.")] = False,
+    strict_int8: Annotated[bool, typer.Option("--strict-int8", help="Fail when no int8 recipe meets the tolerance (default: keep fp32 as the default precision and warn).")] = False,
+    threshold_method: Annotated[Optional[str], typer.Option(help="Ensemble threshold on validation: sensitivity:0.95, youden or fixed:X.", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(help="Bundle name (default: the folder name).", show_default=False)] = None,
+    size: Annotated[Optional[List[int]], typer.Option(help="Foreign model: input size, --size H W.", show_default=False)] = None,
+    color: Annotated[str, typer.Option(help="Foreign model: gray or rgb (gray files are expanded to RGB).")] = "gray",
+    resize: Annotated[str, typer.Option(help="Foreign model: nearest (cv2), nearest_exact (PIL/Keras load_img nearest), bilinear (tf.image.resize / PIL bilinear upscaling), area, bicubic, lanczos. See docs/preprocessing.md.")] = "bilinear",
+    scale: Annotated[str, typer.Option(help="Foreign model: multiply pixels (0..255) by this; a number or a fraction like 1/255.")] = "1/255",
+    offset: Annotated[float, typer.Option(help="Foreign model: then add this.")] = 0.0,
+    mean: Annotated[Optional[str], typer.Option(help="Foreign model: per-channel mean to subtract after scaling, e.g. 0.485,0.456,0.406.", show_default=False)] = None,
+    std: Annotated[Optional[str], typer.Option(help="Foreign model: per-channel std to divide by, e.g. 0.229,0.224,0.225.", show_default=False)] = None,
+    high_bit_depth: Annotated[str, typer.Option(help="Foreign model: 16-bit pixels to 0..255 by min_max or full_range.")] = "min_max",
+    labels: Annotated[str, typer.Option(help="Foreign model: label names in output order, comma-separated.")] = "NORMAL,PNEUMONIA",
+    head: Annotated[str, typer.Option(help="Foreign model: sigmoid (1 unit, p of the 2nd label), softmax (N units), or logits (raw; sigmoid/softmax applied by the runtime).")] = "sigmoid",
+    threshold: Annotated[float, typer.Option(help="Foreign binary model: decision threshold to record.")] = 0.5,
+) -> None:
+    """Export Keras models to ONNX (opset 17, dynamic batch, spec in metadata), prove parity, bundle them.
+
+    Run folders carry their own spec. A model pneumoedge did not train needs its preprocessing
+    declared (--size, --color, --resize, --scale, --offset/--mean/--std, --labels, --head) so
+    that the runtime reproduces what its training pipeline did.
+    """
+    console = Console()
+    with export_errors():
+        from pneumoedge.export.onnx_export import ExportResult, parse_floats, parse_scale
+        from pneumoedge.export.pipeline import export_foreign, export_runs, write_report_json
+        from pneumoedge.export.quantization import Tolerance
+        from pneumoedge.export.training import is_run_dir
+        from pneumoedge.preprocessing import PreprocessSpec
+
+        tol8 = Tolerance(max_prob_diff=int8_max_diff, min_agreement=int8_min_agreement)
+        on_fail = "refuse" if strict_int8 else "warn"
+        progress = lambda message: console.print(message, highlight=False)  # noqa: E731
+        runs = [m for m in models if is_run_dir(m)]
+        if runs and len(runs) != len(models):
+            raise ExportError("give either run folders (from `pneumoedge train`) or one foreign model, not a mix")
+        if runs:
+            weight_list = [float(w) for w in parse_floats(weights, "--weights")] if weights else None
+            result = export_runs(
+                runs, out, weights=weight_list, int8=int8, calibration=calibration, images=images,
+                parity_tolerance=tolerance, int8_tolerance=tol8, recipe=recipe, calibrate_method=calibration_method,
+                search=not no_search, on_fail=on_fail, threshold_method=threshold_method, name=name, progress=progress,
+            )
+        else:
+            if len(models) != 1:
+                raise ExportError("a foreign model is exported one at a time; for an ensemble, export each and train runs")
+            if not size or len(size) != 2:
+                raise ExportError(f"{models[0]} is not a pneumoedge run folder: declare its preprocessing, at least --size H W (see --help)")
+            spec = PreprocessSpec(
+                height=size[0], width=size[1], color=color, resize=resize, scale=parse_scale(scale), offset=offset,
+                mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), high_bit_depth=high_bit_depth,
+            )
+            label_list = [x.strip() for x in labels.split(",") if x.strip()]
+            result = export_foreign(
+                models[0], out, spec=spec, labels=label_list, head=head, images=images, parity_tolerance=tolerance,
+                int8=int8, calibration=calibration, int8_tolerance=tol8, recipe=recipe, calibrate_method=calibration_method,
+                on_fail=on_fail, threshold=threshold, name=name, progress=progress,
+            )
+        if isinstance(result, ExportResult):
+            console.print(f"wrote [bold]{result.onnx_path}[/] ({result.size_bytes / 1024:.0f} KB, {result.nodes} nodes); "
+                          f"parity max |p_keras - p_onnx| = {result.parity.max_abs_diff:.2e} on {result.parity.source}")
+            return
+        report = write_report_json(Path(out).with_name(Path(out).name + ".export-report.json"), result.report())
+    table = Table(title=f"bundle {result.bundle_dir} (default precision {result.manifest.default_precision})", title_justify="left")
+    for column in ("member", "precision", "file", "KB", "parity / int8 check"):
+        table.add_column(column)
+    reports = {m.name: m for m in result.members}
+    for member in result.manifest.members:
+        r = reports.get(member.name)
+        if member.precision == "fp32":
+            check = f"max |p_keras - p_onnx| {r.export.parity.max_abs_diff:.1e}" if r else ""
+        else:
+            c = r.int8.chosen if r and r.int8 else None
+            check = f"{c.recipe.name}: max diff {c.max_prob_diff:.4f}, agreement {c.agreement:.3f}, {c.latency_ms:.2f} ms" if c else ""
+        table.add_row(member.name, member.precision, member.file, f"{member.path.stat().st_size / 1024:.0f}", check)
+    console.print(table)
+    if result.threshold:
+        console.print(f"threshold {result.threshold['threshold']:.4f}: {result.threshold['description']}")
+    for key in ("validation_fp32", "validation_int8"):
+        m = result.metrics.get(key)
+        if m:
+            console.print(f"{key}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc'] if m['roc_auc'] is None else round(m['roc_auc'], 3)}")
+    console.print(f"report: {report}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)
