@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/pneumoedge-default-build"))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--note", default=None, help="A line to record in the bundle's provenance (how this build differed).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             "intended_use": "demonstration and smoke tests of the pneumoedge pipeline only",
             "rebuild": "python scripts/build_default_bundle.py",
             "data_generator": f"pneumoedge.datasets.phantoms.generate_dataset(seed={args.seed}, counts={COUNTS})",
+            **({"build_note": args.note} if args.note else {}),
         },
     )
     test_metrics = {}

@@ -63,7 +63,7 @@ class Architecture:
                     x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"b{index}_sep{repeat}")(x)
                 else:
                     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"b{index}_conv{repeat}")(x)
-                x = layers.BatchNormalization(name=f"b{index}_bn{repeat}")(x)
+                x = layers.BatchNormalization(momentum=0.9, name=f"b{index}_bn{repeat}")(x)
                 x = layers.ReLU(name=f"b{index}_relu{repeat}")(x)
             x = layers.MaxPooling2D(2, name=f"b{index}_pool")(x)
         x = layers.GlobalAveragePooling2D(name="gap")(x)
