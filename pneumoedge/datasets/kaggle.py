@@ -183,8 +183,9 @@ def patient_split(
 
     About `val_fraction` of the images go to val. With `stratify`, patients are grouped by
     their (most common) subtype and each group is split separately, so label and subtype
-    proportions match as closely as whole patients allow. Deterministic for a seed whatever
-    the input order; each returned list keeps the input order.
+    proportions match as closely as whole patients allow. With two or more patients, val is
+    never empty. Deterministic for a seed whatever the input order; each list keeps the input
+    order.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -212,6 +213,9 @@ def patient_split(
             if abs(taken + n - target) < abs(taken - target):
                 val_patients.add(patients[i])
                 taken += n
+    if not val_patients and len(groups) > 1:
+        # Every patient overshot a tiny target: hold out the smallest one rather than nothing.
+        val_patients.add(min(sorted(groups), key=lambda p: len(groups[p])))
     train = [s for s in samples if s.patient not in val_patients]
     val = [s for s in samples if s.patient in val_patients]
     return train, val

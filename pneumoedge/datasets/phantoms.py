@@ -44,7 +44,7 @@ DEFAULT_COUNTS: dict[str, dict[str, int]] = {
 _WORK_SIDE = 384
 _BACKGROUND = 0.04
 
-Size = Union[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]
+Size = Union[int, tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]
 
 _NOTICE = """\
 SYNTHETIC DATA - NOT REAL PATIENTS - NOT FOR CLINICAL USE
@@ -94,7 +94,7 @@ def _draw_anatomy(rng: np.random.Generator, kind: str) -> _Anatomy:
         for _ in range(n):
             side = int(rng.choice([-1, 1]))
             # Lobar pneumonia favours the lower zones: v > 0 is below the lung's centre.
-            anatomy.foci.append((side, rng.uniform(-0.5, 0.5), rng.uniform(-0.4, 0.65), rng.uniform(0.05, 0.1)))
+            anatomy.foci.append((side, rng.uniform(-0.5, 0.5), rng.uniform(-0.4, 0.65), rng.uniform(0.06, 0.11)))
     return anatomy
 
 
@@ -174,24 +174,29 @@ def _anatomy_image(an: _Anatomy, h: int, w: int) -> tuple[np.ndarray, np.ndarray
     return img, lungs
 
 
+def _severity(rng: np.random.Generator, low: float, high: float) -> float:
+    # Mostly clear signs with a faint tail, so a small model learns fast but not perfectly.
+    return rng.uniform(0.06, low) if rng.random() < 0.15 else rng.uniform(low, high)
+
+
 def _pathology(an: _Anatomy, kind: str, rng: np.random.Generator, lungs: np.ndarray) -> np.ndarray:
     """Extra density inside the lung fields for one image (zeros for normal)."""
     h, w = lungs.shape
     out = np.zeros((h, w), np.float32)
     if kind == "bacteria":
-        severity = rng.uniform(0.05, 0.3)
+        severity = _severity(rng, 0.3, 0.6)
         for side, u, v, size in an.foci:
             focus = np.zeros((h, w), np.float32)
             for _ in range(int(rng.integers(3, 7))):  # lobes are irregular: a cluster of ellipses
                 cu, cv = u + rng.normal(0, 0.15), v + rng.normal(0, 0.12)
                 axes = (size * rng.uniform(0.5, 1.0), size * rng.uniform(0.5, 1.1))
                 _ellipse(focus, _lung_point(an, side, cu, cv), axes, rng.uniform(0, 180))
-            out += rng.uniform(0.7, 1.0) * _blur(focus, rng.uniform(0.012, 0.025) * w)
+            out += rng.uniform(0.7, 1.0) * _blur(focus, rng.uniform(0.006, 0.016) * w)
         out = severity * np.minimum(out, 1.0)
     elif kind == "virus":
-        severity = rng.uniform(0.04, 0.16)
+        severity = _severity(rng, 0.25, 0.5)
         patches = np.zeros((h, w), np.float32)
-        for _ in range(int(rng.integers(60, 150))):
+        for _ in range(int(rng.integers(80, 180))):
             side = 1 if rng.random() < 0.5 else -1
             # Bilateral, denser around the hila and in the lower zones.
             u = np.clip(rng.normal(-0.25 * side, 0.45), -1, 1)
@@ -201,7 +206,7 @@ def _pathology(an: _Anatomy, kind: str, rng: np.random.Generator, lungs: np.ndar
             cv2.circle(patches, (int(x * w), int(y * h)), r, float(rng.uniform(0.3, 1.0)), -1, cv2.LINE_AA)
         patches = _blur(patches, 0.006 * w)
         noise = rng.standard_normal((h, w)).astype(np.float32)
-        reticular = np.abs(_blur(noise, 1.2) - _blur(noise, 3.5))  # band-passed: a fine network
+        reticular = np.abs(_blur(noise, 0.004 * w) - _blur(noise, 0.01 * w))  # band-passed: a fine network
         reticular /= float(reticular.max()) + 1e-6
         out = severity * np.minimum(0.8 * patches + 0.9 * reticular, 1.0)
     elif kind != "normal":
@@ -212,7 +217,7 @@ def _pathology(an: _Anatomy, kind: str, rng: np.random.Generator, lungs: np.ndar
 def _acquire(img: np.ndarray, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """Position, resize, expose and add detector noise; returns float32 in 0..1 at the output size."""
     h, w = img.shape
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-4, 4), rng.uniform(0.93, 1.07))
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-3, 3), rng.uniform(0.95, 1.05))
     m[:, 2] += (rng.uniform(-0.04, 0.04) * w, rng.uniform(-0.04, 0.04) * h)
     img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=_BACKGROUND)
     if rng.random() < 0.5:  # a burned-in side marker, as on most real films
@@ -225,8 +230,8 @@ def _acquire(img: np.ndarray, rng: np.random.Generator, height: int, width: int)
     img = _blur(img, rng.uniform(0.3, 1.0) * max(1.0, min(height, width) / 256))
     # Exposure: contrast, offset, a vertical gradient (anode heel effect), then gamma.
     ramp = np.linspace(-1, 1, height, dtype=np.float32)[:, None] * np.float32(rng.uniform(-0.04, 0.04))
-    img = (img - _BACKGROUND) * np.float32(rng.uniform(0.8, 1.25)) + np.float32(rng.uniform(0.0, 0.08)) + ramp
-    img = np.clip(img, 0, 1) ** np.float32(rng.uniform(0.75, 1.35))
+    img = (img - _BACKGROUND) * np.float32(rng.uniform(0.85, 1.15)) + np.float32(rng.uniform(0.0, 0.06)) + ramp
+    img = np.clip(img, 0, 1) ** np.float32(rng.uniform(0.85, 1.2))
     img += rng.standard_normal((height, width), dtype=np.float32) * np.float32(rng.uniform(0.006, 0.022))
     return np.clip(img, 0, 1)
 
@@ -271,6 +276,8 @@ def render_phantom(rng: np.random.Generator, kind: str, height: int, width: int,
 
 
 def _pick_size(size: Size, rng: np.random.Generator) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
     h, w = size
     if isinstance(h, (tuple, list)) and isinstance(w, (tuple, list)):
         return int(rng.integers(h[0], h[1] + 1)), int(rng.integers(w[0], w[1] + 1))
@@ -344,7 +351,8 @@ def generate_dataset(
             so stale images never mix with new ones.
         counts: images per split and kind, e.g. {"train": {"normal": 40, "bacteria": 20,
             "virus": 20}}; default `DEFAULT_COUNTS`.
-        size: (height, width), or ((hmin, hmax), (wmin, wmax)) for a random size per image.
+        size: (height, width), or ((hmin, hmax), (wmin, wmax)) for a random size per image
+            (bounds inclusive); an int means square.
         seed: everything (anatomy, signs, names, sizes) is a function of it.
         sixteen_bit_fraction: share of images written as 16-bit PNG (12 bits used), same names.
         jpeg_quality: for the 8-bit images.
