@@ -287,3 +287,15 @@ def test_write_examples(tmp_path):
     assert rows[0] == "file,truth,subtype" and len(rows) == 7
     assert {r.split(",")[1] for r in rows[1:]} == set(BINARY_LABELS)
     assert is_synthetic(tmp_path / "ex")
+
+
+def test_patient_split_tiny_set_still_has_val():
+    samples = [_sample(f"IM-{p:04d}-{j:04d}.jpeg", "NORMAL") for p in range(2) for j in range(1, 4)]
+    train, val = patient_split(samples, 0.1, seed=0)
+    assert train and val and not {s.patient for s in train} & {s.patient for s in val}
+
+
+def test_generate_dataset_int_size(tmp_path):
+    root = generate_dataset(tmp_path / "d", counts={"train": {"virus": 1}}, size=48, seed=0)
+    (path,) = (root / "train" / "PNEUMONIA").iterdir()
+    assert read_pixels(path).shape == (48, 48) and path.name == "person1_virus_1.jpeg"
