@@ -352,7 +352,7 @@ def quantize_int8(
         pre = preprocess_for_quantization(fp32, work / "pre.onnx")
 
         def attempt(rec: Recipe) -> Candidate:
-            path = work / f"{len(tried):02d}_{rec.name.replace('[', '_').replace(']', '')}.onnx"
+            path = work / f"candidate_{len(tried):02d}.onnx"  # node names may hold '/'; never in a file name
             log.info("int8: trying recipe %s", rec.name)
             try:
                 quantize_with(rec, pre, path, calibration, card)
