@@ -1,0 +1,132 @@
+"""Training side: the training data loader equals the runtime's preprocess bit for bit, patient-level
+splits, run folders, and the numpy metrics and threshold choice."""
+
+from __future__ import annotations
+
+import json
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoedge.export.errors import TrainingError
+from pneumoedge.export.evaluation import choose_threshold, classification_metrics, confusion_matrix, roc_auc, roc_curve
+from pneumoedge.preprocessing import PreprocessSpec, preprocess
+from tests.export_helpers import export_base, phantom_root, tiny_run  # noqa: F401 (fixture)
+
+
+# --- fast: no TensorFlow -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PreprocessSpec(height=64, width=64, color="gray", resize="area"),
+        PreprocessSpec(height=50, width=70, color="rgb", resize="bilinear", scale=1 / 127.5, offset=-1.0),
+        PreprocessSpec(height=48, width=48, color="rgb", resize="nearest_exact", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    ],
+    ids=["gray-area", "rgb-bilinear-offset", "rgb-nearest-meanstd"],
+)
+def test_training_tensors_equal_runtime_tensors_bit_for_bit(export_base: Path, spec: PreprocessSpec) -> None:
+    from pneumoedge.datasets import kaggle
+    from pneumoedge.export.training import load_arrays
+
+    samples = kaggle.scan(phantom_root(export_base), split="train")
+    assert any(s.path.suffix == ".png" for s in samples), "the data set must include 16-bit PNGs"
+    assert any(s.path.suffix == ".jpeg" for s in samples)
+    x, y = load_arrays(samples, spec, "binary", kaggle.BINARY_LABELS)
+    assert x.dtype == np.float32 and x.shape == (len(samples), *spec.input_shape)
+    for i, sample in enumerate(samples):
+        expected = preprocess(sample.path, spec)
+        assert expected.dtype == x.dtype
+        assert np.array_equal(x[i], expected), sample.path  # bit for bit, not approximately
+        assert kaggle.BINARY_LABELS[y[i]] == sample.label
+
+
+def test_roc_auc_matches_pairwise_definition() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200).astype(bool)
+    s = np.round(rng.random(200) + 0.3 * y, 1)  # rounded: many ties
+    pairs = [(p, n) for p, n in product(s[y], s[~y])]
+    expected = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
+    assert roc_auc(y, s) == pytest.approx(expected, abs=1e-12)
+    fpr, tpr, _ = roc_curve(y, s)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(expected, abs=1e-12)
+    assert roc_auc(np.ones(5, bool), np.arange(5)) is None
+
+
+def test_threshold_target_sensitivity_and_youden() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.05, 0.35, *np.linspace(0.5, 0.99, 15)])
+    chosen = choose_threshold(y, p, "sensitivity:0.9")
+    assert chosen["sensitivity"] >= 0.9
+    # the highest threshold reaching the target: one step higher would miss it
+    assert ((p[y == 1] >= chosen["threshold"] + 1e-9).mean()) < 0.9 or chosen["threshold"] == p[y == 1].max()
+    youden = choose_threshold(y, p, "youden")
+    assert youden["sensitivity"] + youden["specificity"] >= chosen["sensitivity"] + chosen["specificity"] - 1e-12
+    assert choose_threshold(y, p, "fixed:0.5")["threshold"] == 0.5
+    with pytest.raises(Exception, match="threshold method"):
+        choose_threshold(y, p, "magic")
+
+
+def test_classification_metrics_binary_and_multiclass() -> None:
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([0.2, 0.7, 0.8, 0.4, 0.9])
+    m = classification_metrics(y, p, ["NORMAL", "PNEUMONIA"], threshold=0.5)
+    assert m["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(0.5)
+    assert m["per_class"]["PNEUMONIA"]["precision"] == pytest.approx(2 / 3)
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2]])
+    m3 = classification_metrics(np.array([0, 1, 2, 2]), probs, ["NORMAL", "BACTERIAL", "VIRAL"])
+    assert m3["accuracy"] == 0.75 and m3["roc_auc_kind"] == "one-vs-rest macro"
+    assert confusion_matrix(np.array([0, 2]), np.array([1, 2]), 3).tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 1]]
+
+
+def test_unknown_architecture_lists_the_choices() -> None:
+    from pneumoedge.export.architectures import ARCHITECTURES, get_architecture
+
+    with pytest.raises(TrainingError, match="cnn3_gray150"):
+        get_architecture("resnet9000")
+    assert {"cnn3_gray150", "cnn4_gray256", "cnn4_rgb224"} <= set(ARCHITECTURES)
+
+
+# --- slow: TensorFlow ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_architectures_build_binary_and_multiclass_small() -> None:
+    pytest.importorskip("tensorflow")
+    from pneumoedge.export.architectures import ARCHITECTURES
+
+    for arch in ARCHITECTURES.values():
+        binary = arch.build("binary", size=(64, 64))
+        multi = arch.build("multiclass", num_classes=3, size=(64, 64))
+        assert binary.output_shape == (None, 1) and multi.output_shape == (None, 3)
+        assert binary.input_shape == (None, 64, 64, arch.spec.channels)
+        assert arch.build("binary").count_params() < 300_000  # small enough for a few-MB bundle
+
+
+@pytest.mark.slow
+def test_training_run_folder_and_patient_level_split(export_base: Path) -> None:
+    pytest.importorskip("tensorflow")
+    result = tiny_run(export_base)
+    run = result.run_dir
+    for name in ("model.keras", "spec.json", "run.json", "split.json", "history.json", "metrics.json", "labels.json"):
+        assert (run / name).is_file(), name
+    assert (run / "plots" / "training_curves.png").is_file() and (run / "plots" / "validation_roc.png").is_file()
+    spec = PreprocessSpec.from_dict(json.loads((run / "spec.json").read_text()))
+    assert (spec.height, spec.width) == (64, 64)
+    split = json.loads((run / "split.json").read_text())
+    train_patients = {e["patient"] for e in split["train"]}
+    val_patients = {e["patient"] for e in split["val"]}
+    assert train_patients and val_patients and not train_patients & val_patients
+    record = json.loads((run / "run.json").read_text())
+    assert record["provenance"]["synthetic"] is True  # the phantom generator's PROVENANCE file was found
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["threshold"]["threshold"] <= 1.0 and metrics["threshold"]["sensitivity"] >= 0.95
+    assert "test" in metrics and metrics["test"]["images"] > 0
+    with pytest.raises(TrainingError, match="already holds"):
+        from pneumoedge.export.training import train
+
+        train(phantom_root(export_base), "cnn3_gray150", run, epochs=1)
