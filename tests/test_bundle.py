@@ -103,3 +103,7 @@ def test_output_width_must_match_labels(tmp_path: Path) -> None:
     model = pneumoedge.load(path)  # a binary card on a 3-output model: caught on first run
     with pytest.raises(BundleError, match="outputs 3 values per image but has 2 labels"):
         model.predict(np.zeros((8, 8), np.uint8))
+
+
+def test_manifest_is_readable_by_others(bundle_dir: Path) -> None:
+    assert (bundle_dir / "manifest.json").stat().st_mode & 0o777 == 0o644
