@@ -1,52 +1,108 @@
-"""Reading image files into pixel arrays: the one decoder that training and the runtime share."""
+"""Reading image files into pixel arrays: the one decoder that training and the runtime share.
+
+Every input is recognised by its content (`pneumoedge.formats`) before it is decoded: its
+format, declared size (decompression bombs are refused before anything is allocated) and
+completeness (a truncated file is refused, never decoded into grey). DICOM goes to
+`pneumoedge.dicom`, the rest to OpenCV. EXIF orientation is applied, as a viewer shows the
+image, in every decode path (full and reduced JPEG decodes alike). docs/inputs.md has the
+policies and every reason a file can be refused.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 from typing import Union
 
 import cv2
 import numpy as np
 
+from pneumoedge.formats import ImageError, inspect
+
+__all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "ImageError", "ImageSource", "read_bytes", "decode_bytes", "read_pixels", "max_image_pixels"]
+
 ImageSource = Union[str, Path, bytes, np.ndarray]
 
+#: DICOM file name suffixes; DICOM files without a suffix are found by content (see folder discovery).
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 #: File name suffixes treated as images when scanning folders.
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
+
+#: Largest image accepted, in pixels (width x height), unless PNEUMOEDGE_MAX_IMAGE_PIXELS says
+#: otherwise: far above any radiograph (a 43 cm detector at 0.1 mm is ~18 Mpx), far below
+#: what would exhaust a workstation's memory with a few decode threads.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+#: Bytes per pixel allowed in a file before it is refused unread (uncompressed 16-bit RGB is 6).
+_MAX_BYTES_PER_PIXEL = 8
 
 _REDUCED_GRAY = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 _REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# ANYDEPTH keeps 16-bit; ANYCOLOR keeps gray files single-channel (alpha is dropped by OpenCV).
+_FULL = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+# Gray+alpha PNGs: ANYCOLOR would give 3 equal channels; this gives the gray channel itself.
+_GRAY_KEEP_DEPTH = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
 
 
-class ImageError(ValueError):
-    """An input that cannot be turned into pixels; the message is meant for the user."""
-
-
-def _is_jpeg(data: bytes) -> bool:
-    return data[:3] == b"\xff\xd8\xff"
+def max_image_pixels() -> int:
+    """The size limit in pixels: PNEUMOEDGE_MAX_IMAGE_PIXELS, or `DEFAULT_MAX_IMAGE_PIXELS`."""
+    text = os.environ.get("PNEUMOEDGE_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(float(text))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ImageError(f"PNEUMOEDGE_MAX_IMAGE_PIXELS must be a positive number of pixels, got {text!r}")
+    return value
 
 
 def read_bytes(path: Union[str, Path]) -> bytes:
-    """Read a file's bytes, turning OS failures into `ImageError`."""
+    """Read a file's bytes, turning OS failures into `ImageError` with what to do about them."""
+    limit = max_image_pixels() * _MAX_BYTES_PER_PIXEL
     try:
-        data = Path(path).read_bytes()
+        # Non-blocking open, then a type check: a named pipe must not hang the run.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise ImageError("is a directory, not an image file")
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError("not a regular file (a pipe, socket or device), not read")
+            size = info.st_size
+            if size > limit:
+                raise ImageError(
+                    f"file is {size / 1e6:.0f} MB, more than any image within the size limit "
+                    f"({limit / 1e6:.0f} MB; see PNEUMOEDGE_MAX_IMAGE_PIXELS)"
+                )
+            data = handle.read(limit + 1)
     except FileNotFoundError:
-        raise ImageError("file not found") from None
+        if os.path.islink(path):
+            raise ImageError("broken link: the file it points to does not exist") from None
+        raise ImageError("file not found: moved or deleted after it was listed?") from None
     except IsADirectoryError:
         raise ImageError("is a directory, not an image file") from None
     except PermissionError:
-        raise ImageError("permission denied") from None
+        raise ImageError("permission denied: the account running pneumoedge cannot read this file") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError("link loop: the link points, through links, back to itself") from None
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
     if not data:
-        raise ImageError("empty file (0 bytes)")
+        raise ImageError("empty file (0 bytes): still being written, or a failed copy?")
     return data
 
 
 def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False) -> np.ndarray:
-    """Decode encoded image bytes to an RGB (H, W, 3) or gray (H, W) uint8/uint16 array.
+    """Decode encoded image bytes to pixels.
+
+    Returns (H, W) gray or (H, W, 3) RGB: uint8 or uint16 for PNG/JPEG/BMP/TIFF, float32 in
+    0..255 for DICOM (already rendered through its VOI; see `pneumoedge.dicom`).
 
     Args:
-        data: PNG, JPEG, BMP or TIFF bytes.
+        data: PNG, JPEG, BMP, TIFF or DICOM bytes (recognised by content, not by name).
         reduction: 1, 2, 4 or 8. For JPEG, libjpeg decodes directly at 1/reduction scale
             (much cheaper than a full decode); other formats ignore it. Only for models
             trained through this same function, since it changes pixels.
@@ -54,24 +110,30 @@ def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False) -> np.n
     """
     if reduction not in (1, 2, 4, 8):
         raise ValueError(f"reduction must be 1, 2, 4 or 8, not {reduction}")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if reduction > 1 and _is_jpeg(data):
+    limit = max_image_pixels()
+    header = inspect(data, max_pixels=limit)
+    if header.kind == "dicom":
+        from pneumoedge.dicom import decode_dicom
+
+        return decode_dicom(data, max_pixels=limit)
+    if reduction > 1 and header.kind == "jpeg":
         flags = (_REDUCED_GRAY if gray else _REDUCED_COLOR)[reduction]
+    elif header.png_color_type == 4:
+        flags = _GRAY_KEEP_DEPTH
     else:
-        # ANYDEPTH keeps 16-bit; ANYCOLOR keeps gray files single-channel; EXIF orientation is applied.
-        flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+        flags = _FULL
     try:
-        pixels = cv2.imdecode(buf, flags)
+        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:
-        raise ImageError(f"cannot decode image: {exc.err}") from None
+        raise ImageError(f"cannot decode {header.kind.upper()} image: {exc.err}") from None
     if pixels is None or pixels.size == 0:
-        raise ImageError("not a readable image (unknown format or corrupt data)")
+        raise ImageError(f"corrupt {header.kind.upper()} image: the decoder could not read its data")
     return _normalise_layout(pixels)
 
 
 def _normalise_layout(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype not in (np.uint8, np.uint16):
-        raise ImageError(f"unsupported pixel type {pixels.dtype}")
+        raise ImageError(f"unsupported pixel type {pixels.dtype}: only 8- and 16-bit images are read")
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
     if pixels.ndim == 3:

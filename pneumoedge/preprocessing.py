@@ -41,8 +41,9 @@ class SpecError(ValueError):
 class PreprocessSpec:
     """How an image file becomes a model input tensor.
 
-    Pixels are first mapped to float32 in 0..255 (8-bit as is; deeper data by
-    `high_bit_depth`), converted to `color`, resized to `height` x `width` with `resize`,
+    Pixels are first mapped to float32 in 0..255 (8-bit as is; 16-bit by `high_bit_depth`;
+    DICOM rendered like a viewer does, through its modality LUT, VOI LUT or window, and
+    MONOCHROME1 inversion, whatever `high_bit_depth` says: see docs/inputs.md), converted to `color`, resized to `height` x `width` with `resize`,
     then `x * scale + offset`, then `(x - mean) / std` per channel when mean/std are given.
     """
 
@@ -151,9 +152,15 @@ def read_for(source: ImageSource, spec: PreprocessSpec) -> np.ndarray:
 
 
 def to_float_pixels(pixels: np.ndarray, high_bit_depth: str) -> np.ndarray:
-    """Map uint8/uint16 pixels to float32 in 0..255."""
+    """Map decoded pixels to float32 in 0..255.
+
+    uint8 as is; uint16 by `high_bit_depth`; float32 is DICOM already rendered to 0..255
+    through its own window (`pneumoedge.dicom`), so it is taken as is.
+    """
     if pixels.dtype == np.uint8:
         return pixels.astype(np.float32)
+    if pixels.dtype == np.float32:
+        return pixels
     values = pixels.astype(np.float32)
     if high_bit_depth == "full_range":
         return values * np.float32(255.0 / 65535.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,9 +73,9 @@ def discover(
 ) -> Iterator[tuple[Path, str, str]]:
     """Yield (path, kind, reason) for every file under `inputs`, in a stable order, lazily.
 
-    `kind` is "image" (to predict), "skipped" (not an image file, or a folder link, which is
-    not followed so loops cannot happen) or "error" (a folder that cannot be listed). Files
-    named explicitly are always tried as images (the decoder sniffs content). Nothing found
+    `kind` is "image" (to predict: an image suffix, or DICOM content), "skipped" (not an
+    image file, a DICOMDIR, or a folder link, which is not followed so loops cannot happen)
+    or "error" (a folder that cannot be listed). Files named explicitly are always tried as images (the decoder sniffs content). Nothing found
     is dropped silently.
     """
     excluded = {os.path.realpath(p) for p in exclude}
@@ -103,13 +104,36 @@ def discover(
                 path = here / name
                 if excluded and os.path.realpath(path) in excluded:
                     continue
-                suffix = path.suffix.lower()
-                if suffix in IMAGE_SUFFIXES:
-                    yield path, "image", ""
-                else:
-                    yield path, "skipped", f"not an image file ({suffix or 'no suffix'})"
+                yield (path, *_classify(path))
         for error in unlistable:
             yield Path(error.filename), "error", f"cannot list folder: {error.strerror}"
+
+
+def _classify(path: Path) -> tuple[str, str]:
+    """(kind, reason) of a listed file: by suffix, and DICOM by content.
+
+    PACS exports name DICOM files without a suffix (IM000001) or with a UID whose last part
+    looks like one (1.2.840.113619.2.55.3.4): those are recognised by the "DICM" marker after
+    the 128-byte preamble. Their DICOMDIR index is listed as skipped, not as a failure.
+    """
+    suffix = path.suffix.lower()
+    if path.name.upper() == "DICOMDIR":
+        return "skipped", "DICOMDIR: the index of a DICOM export, not an image"
+    if suffix in IMAGE_SUFFIXES:
+        return "image", ""
+    if _has_dicom_marker(path):
+        return "image", ""
+    return "skipped", f"not an image file ({suffix or 'no suffix'})"
+
+
+def _has_dicom_marker(path: Path) -> bool:
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a pipe: it would block
+            return False
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:  # unreadable or gone: classified by its suffix alone
+        return False
 
 
 def run_folder(
