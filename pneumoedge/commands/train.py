@@ -24,7 +24,7 @@ def train_command(
     task: Annotated[str, typer.Option(help="binary (NORMAL/PNEUMONIA, sigmoid) or multiclass (NORMAL/BACTERIAL/VIRAL, softmax).")] = "binary",
     epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping may end sooner).")] = 20,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
-    size: Annotated[Optional[List[int]], typer.Option(help="Input size override: --size H W.", show_default=False)] = None,
+    size: Annotated[Optional[List[int]], typer.Option(help="Input size override: --size H --size W.", show_default=False)] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of train/ held out for validation, whole patients at a time.")] = 0.2,
     balance: Annotated[str, typer.Option(help="class_weight, resample (oversample minority classes) or none.")] = "class_weight",
     patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience (epochs without val_loss improvement).")] = 4,
@@ -32,6 +32,8 @@ def train_command(
     threshold: Annotated[str, typer.Option(help="Threshold choice on validation: sensitivity:0.95, youden or fixed:0.5.")] = DEFAULT_THRESHOLD_METHOD,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Train without flip/rotation/zoom/contrast augmentation.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the split, weights, shuffling and augmentation.")] = 0,
+    decode_reduction: Annotated[int, typer.Option("--decode-reduction", help="Decode JPEGs at 1/N scale (1, 2, 4, 8) in training AND at run time (recorded in the spec): much cheaper for 1-2 Mpx X-rays. PNG/16-bit files are fully decoded.")] = 1,
+    lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="plateau (halve on stalled val_loss) or cosine (decay over --epochs).")] = "plateau",
 ) -> None:
     """Train a small CNN; write model.keras, spec, history, metrics, split and plots to a run folder.
 
@@ -40,7 +42,7 @@ def train_command(
     """
     with export_errors():
         if size is not None and len(size) != 2:
-            raise typer.BadParameter("--size takes two numbers: --size H W")
+            raise typer.BadParameter("--size takes two numbers: --size H --size W")
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from pneumoedge.export.training import train
@@ -57,7 +59,8 @@ def train_command(
             result = train(
                 data_dir, arch, run_dir, task=task, epochs=epochs, batch_size=batch_size, seed=seed,
                 val_fraction=val_fraction, balance=balance, size=tuple(size) if size else None, patience=patience,
-                learning_rate=learning_rate, threshold_method=threshold, augment=not no_augment, on_epoch=on_epoch,
+                learning_rate=learning_rate, threshold_method=threshold, augment=not no_augment,
+                decode_reduction=decode_reduction, lr_schedule=lr_schedule, on_epoch=on_epoch,
             )
             progress.update(bar, completed=epochs)
         table = Table(title=f"{arch}: {result.epochs_run} epochs (best {result.best_epoch}), {result.seconds:.0f} s", title_justify="left")

@@ -335,6 +335,13 @@ def export_foreign(
     """
     started = time.perf_counter()
     out = Path(out)
+    if spec.decode_reduction != 1:
+        # A reduced JPEG decode moves a foreign model's probabilities (by 0.17-0.33 on one real
+        # model): only models trained through pneumoedge's own preprocessing may use it.
+        raise ExportError(
+            f"decode_reduction={spec.decode_reduction} is only for models trained by `pneumoedge train --decode-reduction`; "
+            "a foreign model must be fed the full decode its training pipeline used"
+        )
     if out.suffix == ".onnx":
         if int8:
             raise ExportError("--int8 needs a bundle folder as --out (a bundle holds the fp32 and int8 members)")

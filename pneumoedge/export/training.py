@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -38,11 +38,12 @@ from pneumoedge.export.evaluation import (
     write_report,
 )
 from pneumoedge.imageio import ImageError
-from pneumoedge.preprocessing import PreprocessSpec, preprocess
+from pneumoedge.preprocessing import PreprocessSpec, SpecError, preprocess
 
 log = logging.getLogger(__name__)
 
 BALANCE = ("class_weight", "resample", "none")
+LR_SCHEDULES = ("plateau", "cosine")
 PROVENANCE_NAMES = ("PROVENANCE", "PROVENANCE.md", "PROVENANCE.txt", "PROVENANCE.json", "README", "README.md", "README.txt")
 
 
@@ -144,6 +145,28 @@ def augmentation(spec: PreprocessSpec, seed: int) -> Any:
 # training
 
 
+def with_decode_reduction(spec: PreprocessSpec, reduction: int) -> PreprocessSpec:
+    """`spec` with JPEG decode at 1/`reduction` (validated); a TrainingError for a bad value."""
+    try:
+        return replace(spec, decode_reduction=int(reduction))
+    except (SpecError, TypeError, ValueError) as exc:
+        raise TrainingError(str(exc)) from None
+
+
+def _cosine(learning_rate: float, epochs: int) -> Callable[[int, float], float]:
+    """Per-epoch rate: a short warm-up, then cosine decay to 1% (steadier than plateau halving
+    when validation loss is noisy, as it is with small validation splits and BatchNorm)."""
+    import math
+
+    def rate(epoch: int, _: float) -> float:
+        if epoch == 0 and epochs > 2:
+            return learning_rate * 0.3
+        progress = epoch / max(1, epochs - 1)
+        return learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return rate
+
+
 def train(
     data_dir: Union[str, Path],
     arch: str,
@@ -160,6 +183,8 @@ def train(
     learning_rate: float = 1e-3,
     threshold_method: str = DEFAULT_THRESHOLD_METHOD,
     augment: bool = True,
+    decode_reduction: int = 1,
+    lr_schedule: str = "plateau",
     on_epoch: Optional[Callable[[int, int, dict[str, float]], None]] = None,
 ) -> RunResult:
     """Train architecture `arch` on the Kaggle-layout folder `data_dir`; write a run folder.
@@ -175,6 +200,12 @@ def train(
         size: (height, width) override of the architecture's input size.
         patience: EarlyStopping patience in epochs (ReduceLROnPlateau uses half of it).
         threshold_method: how the binary threshold is chosen on validation data.
+        decode_reduction: JPEG decode at 1/N scale (1, 2, 4, 8), written into the run's spec,
+            so training tensors come from the same cheap reduced decode the runtime will do
+            (PNG and 16-bit files are always fully decoded). Only for models trained here:
+            it changes pixels, so a model trained at 1 must keep 1.
+        lr_schedule: "plateau" (halve the rate when val_loss stalls) or "cosine" (decay to
+            ~1% of `learning_rate` over `epochs`, after a one-epoch warm-up).
         on_epoch: called as on_epoch(epoch, epochs, logs) after each epoch (progress bars).
 
     Returns:
@@ -188,8 +219,10 @@ def train(
         raise TrainingError(f"balance must be one of {BALANCE}, got {balance!r}")
     if epochs < 1 or batch_size < 1:
         raise TrainingError("epochs and batch size must be at least 1")
+    if lr_schedule not in LR_SCHEDULES:
+        raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     architecture = get_architecture(arch)
-    spec = architecture.default_spec(size)
+    spec = with_decode_reduction(architecture.default_spec(size), decode_reduction)
     run_dir = Path(out_dir)
     if (run_dir / "model.keras").exists():
         raise TrainingError(f"{run_dir} already holds a trained model; choose another --out or remove it")
@@ -247,7 +280,9 @@ def train(
     checkpoint = run_dir / "checkpoint.best.keras"
     callbacks: list[Any] = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 2), min_lr=1e-5),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 2), min_lr=1e-5)
+        if lr_schedule == "plateau"
+        else keras.callbacks.LearningRateScheduler(_cosine(learning_rate, epochs)),
         keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
     ]
     if on_epoch is not None:
@@ -303,6 +338,8 @@ def train(
             "learning_rate": learning_rate,
             "augment": augment,
             "threshold_method": threshold_method,
+            "decode_reduction": spec.decode_reduction,
+            "lr_schedule": lr_schedule,
         },
         "counts": {"train": len(train_samples), "fit": len(fit_samples), "val": len(val_samples), "test": len(test_samples)},
         "epochs_run": len(history.get("loss", [])),
