@@ -37,6 +37,7 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise ImageError(f"this is a DICOM file, and {_INSTALL}") from None
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        _ensure_transfer_syntax(ds)
         _check_single_image(ds, max_pixels)
         return _render(np.asarray(ds.pixel_array), ds)
     except ImageError:
@@ -45,6 +46,21 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
     # KeyError, struct.error, ...): each is a per-file problem to report, never a crash of the run.
     except Exception as exc:  # noqa: BLE001
         raise ImageError(f"cannot read the DICOM file: {_short(exc)}") from None
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """A bare data set (no preamble, no file meta) was read uncompressed: say which way."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+        return
+    implicit, little = ds.original_encoding
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    )
 
 
 def _check_single_image(ds: Any, max_pixels: int) -> None:
@@ -105,7 +121,7 @@ def _render(stored: np.ndarray, ds: Any) -> np.ndarray:
 def _modality(stored: np.ndarray, ds: Any) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
-    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    return np.asarray(apply_modality_lut(stored, ds))
 
 
 def _voi(values: np.ndarray, ds: Any) -> np.ndarray:
@@ -115,8 +131,11 @@ def _voi(values: np.ndarray, ds: Any) -> np.ndarray:
 
         item = ds.VOILUTSequence[0]
         bits = int(item.LUTDescriptor[2]) if len(item.LUTDescriptor) > 2 else 16
-        out = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
+        # A LUT is indexed by value: give it integers (rescaled values are whole numbers in practice).
+        indices = values if values.dtype.kind in "iu" else np.rint(values).astype(np.int64)
+        out = np.asarray(apply_voi_lut(indices, ds, index=0, prefer_lut=True), dtype=np.float64)
         return np.clip(out / (2.0**bits - 1.0), 0.0, 1.0)
+    values = values.astype(np.float64)
     window = _first_window(ds)
     if window is not None:
         center, width = window

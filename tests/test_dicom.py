@@ -1,0 +1,156 @@
+"""DICOM inputs: rendered like a viewer (modality LUT, VOI, MONOCHROME1), refused clearly otherwise."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pydicom")
+
+from pydicom import dcmread  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+from pydicom.sequence import Sequence  # noqa: E402
+from pydicom.uid import JPEGLSLossless, RLELossless  # noqa: E402
+
+from pneumoedge.imageio import ImageError, read_pixels  # noqa: E402
+from pneumoedge.preprocessing import PreprocessSpec, preprocess  # noqa: E402
+from pneumoedge.runtime.folder import discover  # noqa: E402
+from tests.input_files import dicom_bytes  # noqa: E402
+
+# 12-bit data in 16-bit words: 0..4095, every value present.
+TWELVE = (np.arange(64 * 64) % 4096).astype(np.uint16).reshape(64, 64)
+MIN_MAX = TWELVE.astype(np.float64) / 4095 * 255
+_CACHED_DICOM = dicom_bytes(TWELVE, bits_stored=12)
+
+
+def test_monochrome2_without_window_is_min_max_to_0_255() -> None:
+    pixels = read_pixels(dicom_bytes(TWELVE, bits_stored=12))
+    assert pixels.dtype == np.float32 and pixels.shape == (64, 64)
+    np.testing.assert_allclose(pixels, MIN_MAX, atol=1e-3)
+
+
+def test_monochrome1_is_inverted_to_monochrome2() -> None:
+    pixels = read_pixels(dicom_bytes(TWELVE, bits_stored=12, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(pixels, 255 - MIN_MAX, atol=1e-3)
+
+
+def test_bits_stored_masks_bits_above_it() -> None:
+    # An overlay or garbage in the 4 unused high bits must not change the image.
+    noisy = TWELVE | np.uint16(0xA000)
+    np.testing.assert_array_equal(read_pixels(dicom_bytes(noisy, bits_stored=12)), read_pixels(dicom_bytes(TWELVE, bits_stored=12)))
+
+
+def test_rescale_then_linear_window() -> None:
+    # Stored 0..4095 -> HU = 2 * stored - 1024 (-1024..7166); window centre 0, width 401.
+    data = dicom_bytes(TWELVE, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=0, WindowWidth=401)
+    pixels = read_pixels(data)
+    hu = TWELVE.astype(np.float64) * 2 - 1024
+    expected = np.clip((hu + 0.5) / 400 + 0.5, 0, 1) * 255  # PS3.3 C.11.2.1.2.1 with c=0, w=401
+    np.testing.assert_allclose(pixels, expected, atol=1e-3)
+    assert pixels[hu < -200].max() == 0 and pixels[hu > 200].min() == 255
+    assert pixels[TWELVE == 512][0] == pytest.approx(127.5 + 0.5 / 400 * 255, abs=1e-3)  # HU 0, the centre
+
+
+def test_multi_valued_window_uses_the_first_and_sigmoid_is_honoured() -> None:
+    first = read_pixels(dicom_bytes(TWELVE, bits_stored=12, WindowCenter=[1000, 3000], WindowWidth=[500, 100]))
+    single = read_pixels(dicom_bytes(TWELVE, bits_stored=12, WindowCenter=1000, WindowWidth=500))
+    np.testing.assert_array_equal(first, single)
+    sigmoid = read_pixels(dicom_bytes(TWELVE, bits_stored=12, WindowCenter=1000, WindowWidth=500, VOILUTFunction="SIGMOID"))
+    np.testing.assert_allclose(sigmoid, 255 / (1 + np.exp(-4 * (TWELVE - 1000.0) / 500)), atol=1e-3)
+
+
+def test_voi_lut_sequence_wins_over_window() -> None:
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    item.add_new(0x00283006, "US", list(range(255, -1, -1)))  # LUT Data: an inverting LUT
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    pixels = read_pixels(dicom_bytes(ramp, VOILUTSequence=Sequence([item]), WindowCenter=10, WindowWidth=2))
+    np.testing.assert_allclose(pixels, 255.0 - ramp, atol=1e-3)
+
+
+def test_rgb_dicom_keeps_its_colours() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    pixels = read_pixels(dicom_bytes(rgb, photometric="RGB"))
+    assert pixels.shape == (20, 30, 3)
+    np.testing.assert_array_equal(pixels, rgb.astype(np.float32))
+
+
+def test_preamble_less_dicom_is_read() -> None:
+    data = dicom_bytes(TWELVE, bits_stored=12, preamble=False)
+    assert data[128:132] != b"DICM"
+    np.testing.assert_allclose(read_pixels(data), MIN_MAX, atol=1e-3)
+
+
+def test_compressed_dicom_with_a_decoder_matches_uncompressed() -> None:
+    ds = dcmread(io.BytesIO(dicom_bytes(TWELVE, bits_stored=12)))
+    ds.compress(RLELossless)  # RLE is encoded and decoded by pydicom itself
+    out = io.BytesIO()
+    ds.save_as(out)
+    np.testing.assert_array_equal(read_pixels(out.getvalue()), read_pixels(dicom_bytes(TWELVE, bits_stored=12)))
+
+
+def test_compressed_dicom_without_decoder_names_the_package() -> None:
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
+
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    data = dicom_bytes(TWELVE, bits_stored=12, syntax=JPEGLSLossless, pixel_data=encapsulate([b"\x00" * 64]))
+    with pytest.raises(ImageError, match=r"compressed DICOM \(JPEG-LS Lossless.*no decoder.*pip install .*pylibjpeg"):
+        read_pixels(data)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("multiframe", "multi-frame DICOM (3 frames) is not supported"),
+        ("report", "DICOM object with no image (Basic Text SR"),
+        ("dicomdir", "a DICOMDIR (the index of a DICOM export), not an image"),
+        ("huge", "declared size 65535x65535"),
+        ("truncated", "cannot read the DICOM file: The number of bytes of pixel data is less than expected"),
+        ("not_dicom", "DICOM object with no image"),
+    ],
+)
+def test_dicom_that_is_not_one_image_is_refused_per_file(kind: str, message: str) -> None:
+    stack = np.zeros((3, 8, 8), np.uint16)
+    data = {
+        "multiframe": lambda: dicom_bytes(stack[0], pixel_data=stack.tobytes(), NumberOfFrames=3),
+        "report": lambda: dicom_bytes(None, sop_class="1.2.840.10008.5.1.4.1.1.88.11"),
+        "dicomdir": lambda: dicom_bytes(None, sop_class="1.2.840.10008.1.3.10"),
+        "huge": lambda: dicom_bytes(TWELVE, Rows=65535, Columns=65535),
+        "truncated": lambda: dicom_bytes(TWELVE)[:-100],
+        "not_dicom": lambda: b"\x00" * 128 + b"DICM" + b"\xff" * 40,
+    }[kind]()
+    with pytest.raises(ImageError) as caught:
+        read_pixels(data)
+    assert message in str(caught.value)
+
+
+def test_without_pydicom_the_error_says_what_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    with pytest.raises(ImageError, match=r"pip install 'pneumoedge\[dicom\]'"):
+        read_pixels(_CACHED_DICOM)
+
+
+def test_dicom_tensor_ignores_high_bit_depth_and_matches_rendering() -> None:
+    spec = PreprocessSpec(height=64, width=64, scale=1.0)
+    tensor = preprocess(_CACHED_DICOM, spec)
+    np.testing.assert_allclose(tensor[:, :, 0], MIN_MAX, atol=1e-3)
+    full_range = preprocess(_CACHED_DICOM, PreprocessSpec(height=64, width=64, scale=1.0, high_bit_depth="full_range"))
+    np.testing.assert_array_equal(tensor, full_range)
+
+
+def test_discovery_finds_dicom_by_suffix_and_by_content(tmp_path: Path) -> None:
+    (tmp_path / "a.dcm").write_bytes(_CACHED_DICOM)
+    (tmp_path / "IM000001").write_bytes(_CACHED_DICOM)  # PACS export: no suffix
+    (tmp_path / "1.2.840.113619.2.55.3.4").write_bytes(_CACHED_DICOM)  # named by UID: suffix ".4"
+    (tmp_path / "DICOMDIR").write_bytes(dicom_bytes(None, sop_class="1.2.840.10008.1.3.10"))
+    (tmp_path / "notes").write_text("x" * 200)
+    found = {p.name: (kind, reason) for p, kind, reason in discover([tmp_path])}
+    assert found["a.dcm"][0] == found["IM000001"][0] == found["1.2.840.113619.2.55.3.4"][0] == "image"
+    assert found["DICOMDIR"] == ("skipped", "DICOMDIR: the index of a DICOM export, not an image")
+    assert found["notes"] == ("skipped", "not an image file (no suffix)")
