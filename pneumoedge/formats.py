@@ -38,10 +38,13 @@ _NOT_IMAGES: tuple[tuple[bytes, str], ...] = (
     (b"\x7fELF", "a program (ELF executable)"),
     (b"MZ", "a Windows program or library"),
     (b"\xd0\xcf\x11\xe0", "an old Microsoft Office document"),
-    (b"GIF8", "a GIF image, which pneumoedge does not read (convert it to PNG)"),
-    (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image, which pneumoedge does not read (convert it to PNG)"),
-    (b"\xff\x4f\xff\x51", "a JPEG 2000 codestream, which pneumoedge does not read (convert it to PNG)"),
-    (b"\x76\x2f\x31\x01", "an OpenEXR image, which pneumoedge does not read (convert it to PNG)"),
+)
+# Image formats that OpenCV might read but pneumoedge does not promise to: refused by name.
+_OTHER_IMAGES: tuple[tuple[bytes, str], ...] = (
+    (b"GIF8", "GIF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000 (codestream)"),
+    (b"\x76\x2f\x31\x01", "OpenEXR"),
 )
 
 
@@ -84,6 +87,11 @@ def sniff(data: bytes) -> str:
         return "dicom"
     if data[:4] in _BIGTIFF_MAGICS:
         raise ImageError("BigTIFF files are not supported: save the image as an ordinary TIFF or PNG")
+    other = next((name for magic, name in _OTHER_IMAGES if data.startswith(magic)), None)
+    if other is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        other = "WebP"
+    if other:
+        raise ImageError(f"unsupported image format {other}: {READABLE}; convert it to PNG")
     raise ImageError(f"not an image: {_describe_non_image(data)}; {READABLE}")
 
 
@@ -118,8 +126,6 @@ def _looks_like(data: bytes) -> str:
     for magic, name in _NOT_IMAGES:
         if data.startswith(magic):
             return "looks like " + name
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "looks like a WebP image, which pneumoedge does not read (convert it to PNG)"
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith((b"<!doctype html", b"<html")):
         return "looks like an HTML page (a failed download or a saved web page?)"
