@@ -1,0 +1,111 @@
+"""`pneumoedge bench`: how long one image takes on this computer, per member and for the ensemble."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typing_extensions import Annotated
+
+from pneumoedge.commands.options import CLINICAL_NOTE, Device, Precision, Threads, UserError, model_arg, stderr, user_errors
+from pneumoedge.runtime.bench import BenchError, BenchSettings, bench_images, run_bench
+
+
+def bench(
+    model: Annotated[
+        Optional[List[Path]],
+        typer.Argument(help="A bundle folder or .onnx file(s). Default: the bundled model.", show_default=False),
+    ] = None,
+    images: Annotated[
+        Optional[Path],
+        typer.Option(help="Folder of images to time. Default: generated phantoms at real X-ray size (1400x1200)."),
+    ] = None,
+    device: Device = "cpu",
+    threads: Threads = None,
+    batch: Annotated[int, typer.Option("--batch", help="Images per model run for batched figures and throughput.")] = 8,
+    precision: Precision = "default",
+    runs: Annotated[int, typer.Option(help="Timed runs per figure, after warm-up.")] = 50,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before each timed series.")] = 5,
+    json_out: Annotated[
+        Optional[Path], typer.Option("--json", help="Write the figures as JSON here ('-': standard output).")
+    ] = None,
+) -> None:
+    """Time a model on this computer: session creation, first inference, model-only latency
+    (min/mean/std/p50/p90/p95/p99/max), preprocessing vs model time, end-to-end latency per
+    image, folder throughput, peak memory, provider, machine and library versions.
+
+    Figures are only as quiet as the computer: close other heavy programs first.
+    """
+    with user_errors():
+        settings = BenchSettings(device=device.lower(), threads=threads, batch=batch, precision=precision, runs=runs, warmup=warmup)
+        try:
+            settings.check()
+            paths, source, scratch = bench_images(images)
+        except BenchError as exc:
+            raise UserError(str(exc)) from None
+        try:
+            report = run_bench(model_arg(model), paths, settings, command=["pneumoedge", *sys.argv[1:]], images_source=source)
+        except BenchError as exc:
+            raise UserError(str(exc)) from None
+        finally:
+            if scratch is not None:
+                scratch.cleanup()
+        if json_out is not None:
+            text = json.dumps(report, indent=2) + "\n"
+            if str(json_out) == "-":
+                sys.stdout.write(text)
+            else:
+                json_out.write_text(text, encoding="utf-8")
+    print_report(report, stderr if json_out is not None and str(json_out) == "-" else Console())
+    stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
+
+
+def _stats_cells(stats: Optional[dict[str, float]]) -> list[str]:
+    if not stats:
+        return ["-"] * 5
+    return [f"{stats[k]:.2f}" for k in ("p50", "mean", "p90", "p99", "max")]
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    """The figures as rich tables."""
+    machine, versions, settings = report["machine"], report["versions"], report["settings"]
+    console.print(
+        f"[bold]pneumoedge bench[/] on {machine['cpu']} ({machine['physical_cores']} cores), {machine['os']}\n"
+        f"onnxruntime {versions['onnxruntime']}, numpy {versions['numpy']}, opencv {versions['opencv']}, "
+        f"pneumoedge {versions['pneumoedge']}; provider {report['ensemble']['provider']}\n"
+        f"{settings['images']} images ({settings['images_source']}, {settings['megapixels_mean']:.2f} Mpx mean); "
+        f"{settings['runs']} runs after {settings['warmup']} warm-up; threads {settings['threads'] or 'default'}",
+        highlight=False,
+    )
+    table = Table(title="latency (ms)", title_justify="left")
+    for column in ("figure", "create", "first", "p50", "mean", "p90", "p99", "max"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for m in report["members"]:
+        label = f"{m['name']} ({m['precision']})"
+        table.add_row(f"{label} model, batch 1", f"{m['session_create_ms']:.1f}", f"{m['first_inference_ms']:.1f}", *_stats_cells(m["model_only_ms"]))
+        if m["model_only_batch_ms"]:
+            table.add_row(f"{label} model, batch {settings['batch']}", "", "", *_stats_cells(m["model_only_batch_ms"]))
+        table.add_row(f"{label} preprocess", "", "", *_stats_cells(m["preprocess_ms"]))
+    e = report["ensemble"]
+    table.add_row("ensemble: read + decode", "", "", *_stats_cells(e["decode_ms"]))
+    table.add_row("ensemble: tensors (all members)", "", "", *_stats_cells(e["tensors_ms"]))
+    table.add_row("ensemble: models (all members)", f"{e['load_ms']:.1f}", "", *_stats_cells(e["model_only_ms"]))
+    table.add_row("ensemble: end to end per image", "", f"{e['first_inference_ms']:.1f}", *_stats_cells(e["end_to_end_ms"]))
+    console.print(table)
+    split, tp = e["split"], e["throughput"]
+    console.print(
+        f"time split (medians): decode {split['decode_fraction']:.0%}, preprocess {split['tensors_fraction']:.0%}, "
+        f"model {split['model_fraction']:.0%}\n"
+        f"folder throughput: {tp['images_per_s']:.1f} images/s ({tp['images']} images, batch {tp['batch']}, {tp['seconds']:.2f} s)\n"
+        f"peak resident memory: {report['memory']['peak_rss_mb'] or float('nan'):.0f} MiB",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

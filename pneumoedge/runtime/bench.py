@@ -1,0 +1,350 @@
+"""`pneumoedge bench`: latency, throughput and memory of a model on this computer (onnxruntime only).
+
+The figure set follows onnxruntime_perf_test, OpenVINO's benchmark_app and TFLite's
+benchmark_model, so users can compare: session creation, first inference, model-only
+latency statistics over N runs after warm-up, the preprocessing/model split, end-to-end
+latency per image, folder throughput through the real `predict_many` pipeline, peak
+resident memory, provider, machine and library versions. `run_bench` returns a plain dict
+whose layout is versioned by `SCHEMA` (documented in `BENCH_SCHEMA_DOC`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from pneumoedge.imageio import IMAGE_SUFFIXES
+from pneumoedge.runtime.ensemble import Ensemble, ModelRef, load
+from pneumoedge.runtime.sessions import create_session
+
+#: Version of the JSON layout below; bump it when a key changes meaning or disappears.
+SCHEMA = "pneumoedge.bench/1"
+
+BENCH_SCHEMA_DOC = """\
+{"schema": "pneumoedge.bench/1", "created": ISO-8601 UTC, "command": [argv],
+ "machine": {cpu, physical_cores, logical_cores, os, python},
+ "versions": {pneumoedge, onnxruntime, numpy, opencv},
+ "settings": {model, device, threads, batch, precision, runs, warmup, images, images_source, megapixels_mean},
+ "members": [{name, precision, source, input_shape, provider, session_create_ms, first_inference_ms,
+              preprocess_ms: STATS, model_only_ms: STATS (batch 1), model_only_batch_ms: STATS|null (per --batch run)}],
+ "ensemble": {load_ms, first_inference_ms, provider, decode_reductions,
+              decode_ms: STATS, tensors_ms: STATS, model_only_ms: STATS, end_to_end_ms: STATS,
+              split: {decode_fraction, tensors_fraction, model_fraction},
+              throughput: {images, batch, seconds, images_per_s}},
+ "memory": {peak_rss_mb}}
+STATS = {count, min, mean, std, p50, p90, p95, p99, max} in milliseconds."""
+
+STAT_KEYS = ("count", "min", "mean", "std", "p50", "p90", "p95", "p99", "max")
+_PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99}
+
+
+class BenchError(ValueError):
+    """Bench settings that cannot be run (shown to the user as one line)."""
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, float]:
+    """Latency statistics in milliseconds (keys `STAT_KEYS`) of per-run times in seconds."""
+    if not len(seconds):
+        raise BenchError("no timings to summarise")
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    stats: dict[str, float] = {"count": int(ms.size), "min": float(ms.min()), "mean": float(ms.mean()), "std": float(ms.std())}
+    for key, q in _PERCENTILES.items():
+        stats[key] = float(np.percentile(ms, q))
+    stats["max"] = float(ms.max())
+    # Rounding noise must not break min <= mean <= max for a constant series.
+    stats["mean"] = min(max(stats["mean"], stats["min"]), stats["max"])
+    return {k: stats[k] for k in STAT_KEYS}
+
+
+def time_calls(fn: Callable[[int], Any], runs: int, warmup: int = 0) -> list[float]:
+    """Call `fn(i)` `warmup` times untimed, then `runs` times; return each timed call's seconds."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(runs):
+        start = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident memory so far, in MiB (None where the OS does not say)."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0  # macOS: bytes; Linux: KiB
+    except ImportError:  # Windows: psutil is optional there
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().peak_wset / 2**20
+        except Exception:
+            return None
+
+
+def rss_mb() -> Optional[float]:
+    """Current resident memory in MiB (Linux /proc; psutil elsewhere when installed)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss / 2**20
+        except Exception:
+            return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo, else what `platform` says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int:
+    """Physical cores (psutil when installed; else distinct core ids in /proc/cpuinfo; else logical CPUs)."""
+    try:
+        import psutil
+
+        count = psutil.cpu_count(logical=False)
+        if count:
+            return int(count)
+    except ImportError:
+        pass
+    try:
+        cores = set()
+        physical = core = None
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                    cores.add((physical, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "physical_cores": physical_cores(),
+        "logical_cores": os.cpu_count() or 1,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    from pneumoedge import __version__
+
+    return {"pneumoedge": __version__, "onnxruntime": ort.__version__, "numpy": np.__version__, "opencv": cv2.__version__}
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursive, sorted, by suffix)."""
+    if not folder.is_dir():
+        raise BenchError(f"--images {folder}: no such folder")
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise BenchError(f"--images {folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+def write_phantoms(folder: Path, n: int = 6, size: tuple[int, int] = (1400, 1200), seed: int = 7) -> list[Path]:
+    """Write `n` synthetic chest X-ray phantoms at real X-ray size (JPEG, the last a 16-bit PNG).
+
+    Synthetic, not patients: decode cost at realistic size is what matters for latency.
+    """
+    from pneumoedge.datasets.phantoms import KINDS, render_phantom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        sixteen = n > 1 and i == n - 1
+        pixels = render_phantom(rng, KINDS[i % len(KINDS)], size[0], size[1], sixteen_bit=sixteen)
+        path = folder / (f"phantom_{i:02d}" + (".png" if sixteen else ".jpeg"))
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 3] if sixteen else [cv2.IMWRITE_JPEG_QUALITY, 90]
+        ok, data = cv2.imencode(path.suffix, pixels, params)
+        if not ok:
+            raise RuntimeError(f"OpenCV could not encode {path}")
+        path.write_bytes(data.tobytes())
+        paths.append(path)
+    return paths
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure and how often."""
+
+    device: str = "cpu"
+    threads: Optional[int] = None
+    batch: int = 8
+    precision: str = "default"
+    runs: int = 50
+    warmup: int = 5
+    #: Folder throughput runs over at least this many images (the files are cycled).
+    throughput_images: int = 64
+
+    def check(self) -> None:
+        for name in ("batch", "runs"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise BenchError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(f"--threads must be at least 1, got {self.threads}")
+
+
+def _member_figures(ensemble: Ensemble, decoded: list[dict], settings: BenchSettings) -> list[dict[str, Any]]:
+    figures = []
+    for k, member in enumerate(ensemble.members):
+        start = time.perf_counter()
+        fresh = create_session(member.source, settings.device, settings.threads)
+        created = time.perf_counter() - start
+        tensors = [ensemble.tensors(d)[k] for d in decoded]
+        feed_name = fresh.get_inputs()[0].name
+        start = time.perf_counter()
+        fresh.run(None, {feed_name: tensors[0][None]})
+        first = time.perf_counter() - start
+        del fresh
+        spec = member.card.spec
+        pre = time_calls(lambda i: ensemble.tensors(decoded[i % len(decoded)])[k], settings.runs, 1)
+        singles = [t[None] for t in tensors]
+        run = member.session.run
+        name = member.input_name
+        model_only = time_calls(lambda i: run(None, {name: singles[i % len(singles)]}), settings.runs, settings.warmup)
+        batched = None
+        if settings.batch > 1 and member.dynamic_batch:
+            batch = np.ascontiguousarray(np.stack(list(itertools.islice(itertools.cycle(tensors), settings.batch))))
+            batched = summarize(time_calls(lambda i: run(None, {name: batch}), settings.runs, settings.warmup))
+        figures.append(
+            {
+                "name": member.name,
+                "precision": member.precision,
+                "source": member.source,
+                "input_shape": list(spec.input_shape),
+                "decode_reduction": spec.decode_reduction,
+                "provider": member.provider,
+                "session_create_ms": created * 1000.0,
+                "first_inference_ms": first * 1000.0,
+                "preprocess_ms": summarize(pre),
+                "model_only_ms": summarize(model_only),
+                "model_only_batch_ms": batched,
+            }
+        )
+    return figures
+
+
+def _throughput(ensemble: Ensemble, images: Sequence[Path], settings: BenchSettings) -> dict[str, Any]:
+    count = max(settings.throughput_images, len(images))
+    stream = list(itertools.islice(itertools.cycle(images), count))
+    start = time.perf_counter()
+    done = sum(1 for p in ensemble.predict_many(stream, batch_size=settings.batch) if p.status == "ok")
+    seconds = time.perf_counter() - start
+    return {"images": count, "ok": done, "batch": settings.batch, "seconds": seconds, "images_per_s": count / seconds}
+
+
+def run_bench(
+    model: Union[ModelRef, Sequence[ModelRef], None],
+    images: Sequence[Path],
+    settings: BenchSettings,
+    *,
+    command: Optional[Sequence[str]] = None,
+    images_source: str = "",
+) -> dict[str, Any]:
+    """Measure `model` on `images`; return the figures as a dict (layout `SCHEMA`)."""
+    settings.check()
+    if not images:
+        raise BenchError("no images to benchmark")
+    start = time.perf_counter()
+    ensemble = load(model, device=settings.device, precision=settings.precision, threads=settings.threads)
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ensemble.predict(images[0])
+    first_s = time.perf_counter() - start
+
+    decoded = [ensemble.decode(p) for p in images]  # raises ImageError for a bad file: bench needs readable images
+    megapixels = float(np.mean([next(iter(d.values())).shape[0] * next(iter(d.values())).shape[1] for d in decoded])) / 1e6
+    members = _member_figures(ensemble, decoded, settings)
+
+    n = len(images)
+    decode_t = time_calls(lambda i: ensemble.decode(images[i % n]), settings.runs, 1)
+    tensors_t = time_calls(lambda i: ensemble.tensors(decoded[i % n]), settings.runs, 1)
+    singles = [[t[None] for t in ensemble.tensors(d)] for d in decoded]
+    model_t = time_calls(lambda i: ensemble.run_tensors(singles[i % n]), settings.runs, settings.warmup)
+    e2e_t = time_calls(lambda i: ensemble.predict(images[i % n]), settings.runs, settings.warmup)
+    parts = {"decode": float(np.median(decode_t)), "tensors": float(np.median(tensors_t)), "model": float(np.median(model_t))}
+    total = sum(parts.values()) or 1.0
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(command) if command is not None else list(sys.argv),
+        "machine": machine_info(),
+        "versions": library_versions(),
+        "settings": {
+            "model": "default bundle" if model is None else [str(m) for m in model] if isinstance(model, (list, tuple)) else str(model),
+            "device": settings.device,
+            "threads": settings.threads,
+            "batch": settings.batch,
+            "precision": settings.precision,
+            "runs": settings.runs,
+            "warmup": settings.warmup,
+            "images": n,
+            "images_source": images_source,
+            "megapixels_mean": megapixels,
+        },
+        "members": members,
+        "ensemble": {
+            "load_ms": load_s * 1000.0,
+            "first_inference_ms": first_s * 1000.0,
+            "provider": ensemble.provider,
+            "decode_reductions": sorted({m.card.spec.decode_reduction for m in ensemble.members}),
+            "decode_ms": summarize(decode_t),
+            "tensors_ms": summarize(tensors_t),
+            "model_only_ms": summarize(model_t),
+            "end_to_end_ms": summarize(e2e_t),
+            "split": {f"{k}_fraction": v / total for k, v in parts.items()},
+            "throughput": _throughput(ensemble, images, settings),
+        },
+        "memory": {"peak_rss_mb": peak_rss_mb()},
+    }
+
+
+def bench_images(folder: Optional[Path]) -> tuple[list[Path], str, Optional[tempfile.TemporaryDirectory]]:
+    """The images to use: those under `folder`, or freshly written phantoms in a temporary folder.
+
+    Returns (paths, description, the temporary folder to clean up or None).
+    """
+    if folder is not None:
+        return find_images(folder), str(folder), None
+    scratch = tempfile.TemporaryDirectory(prefix="pneumoedge-bench-")
+    paths = write_phantoms(Path(scratch.name))
+    return paths, f"{len(paths)} generated phantoms 1400x1200 (5 JPEG, 1 16-bit PNG)", scratch
