@@ -177,6 +177,8 @@ class _Reader:
 def _png(data: bytes) -> Header:
     """Walk the chunks: IHDR first, IEND must be reached (libpng's own error is less clear)."""
     read = _Reader(data, "PNG")
+    if len(data) < 33:  # signature + IHDR chunk
+        raise _truncated("PNG")
     if read.u32(8) != 13 or data[12:16] != b"IHDR":
         raise ImageError("corrupt PNG: the IHDR header chunk is missing")
     width, height, color_type = read.u32(16), read.u32(20), data[25]
