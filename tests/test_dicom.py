@@ -154,3 +154,22 @@ def test_discovery_finds_dicom_by_suffix_and_by_content(tmp_path: Path) -> None:
     assert found["a.dcm"][0] == found["IM000001"][0] == found["1.2.840.113619.2.55.3.4"][0] == "image"
     assert found["DICOMDIR"] == ("skipped", "DICOMDIR: the index of a DICOM export, not an image")
     assert found["notes"] == ("skipped", "not an image file (no suffix)")
+
+
+def test_signed_pixels_with_rescale() -> None:
+    signed = (np.arange(64 * 64) % 4096 - 2048).astype(np.int16).reshape(64, 64)
+    data = dicom_bytes(signed, bits_stored=12, PixelRepresentation=1, RescaleSlope=1, RescaleIntercept=-1000, WindowCenter=-1000, WindowWidth=2001)
+    expected = np.clip((signed - 1000.0 + 1000.5) / 2000 + 0.5, 0, 1) * 255
+    np.testing.assert_allclose(read_pixels(data), expected, atol=1e-3)
+
+
+def test_runtime_tensors_equal_training_tensors_for_dicom(bundle_dir: Path, tmp_path: Path) -> None:
+    import pneumoedge
+
+    path = tmp_path / "scan.dcm"
+    path.write_bytes(dicom_bytes(TWELVE, bits_stored=12, photometric="MONOCHROME1", WindowCenter=1500, WindowWidth=2000))
+    model = pneumoedge.load(bundle_dir)
+    runtime = model.tensors(model.decode(str(path)))
+    for member, tensor in zip(model.members, runtime):
+        np.testing.assert_array_equal(tensor, preprocess(path, member.card.spec))  # what training feeds Keras
+    assert model.predict(str(path)).status == "ok"
