@@ -137,7 +137,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             for threads in (s["threads"],) if s["quick"] else (s["threads"], 1):
                 rt[f"pneumoedge_{precision}_t{threads}"] = _worker("ort", dict(base, label=f"{precision}{threads}", precision=precision, threads=threads), work)
         one = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-        r["gemm"] = {"all_cores": _worker("gemm", dict(base, label="all"), work), "one_core": _worker("gemm", dict(base, label="one"), work, env=one)}
+        r["gemm"] = {"all_cores": _worker("gemm", dict(base, label="all", gemm_threads=s["threads"]), work),
+                     "one_core": _worker("gemm", dict(base, label="one", gemm_threads=1), work, env=one)}
         r["flatness"] = _worker("flatness", dict(base, label="int8", precision="int8"), work)
         r["cold_start"] = coldstart.measure_all(args.bundle, images[0], checks, s, work / "tflite")
         r["installed"] = static.installed_sizes()

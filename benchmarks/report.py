@@ -128,8 +128,9 @@ def _int8_bound(r: dict) -> str:
         return f"CPU has {', '.join(vnni)}; see the model-only table for where the time goes"
     ops = r.get("optimized_ops") or {}
     overhead = {k: {op: n for op, n in v.items() if op in ("QuantizeLinear", "DequantizeLinear", "Transpose", "Conv")} for k, v in ops.items() if k.endswith("int8")}
-    return ("this CPU has no VNNI instructions (SIMD flags: " + ", ".join(flags) + "), so int8 dot products use AVX2 "
-            "u8 x s8 -> s16 multiply-adds, about 2x fp32 FMA at best; the int8 graphs as onnxruntime runs them still hold "
+    gemm = _ratio(_get(r, "gemm", "all_cores", "onnxruntime", "MatMulInteger", "gops"), _get(r, "gemm", "all_cores", "onnxruntime", "MatMul", "gops"))
+    return ("this CPU has no VNNI instructions (SIMD flags: " + ", ".join(flags) + "); onnxruntime's int8 GEMM (MatMulInteger) "
+            f"reaches {_f(gemm, 2)}x its fp32 GEMM here (compute-bound reference below); the int8 graphs as onnxruntime runs them still hold "
             + "; ".join(f"{k}: {v}" for k, v in overhead.items()) + " (fp32 Conv = nodes left unquantized)")
 
 
@@ -210,6 +211,11 @@ def _compute(r: dict) -> str:
     rows = ["## Compute-bound reference", "",
             f"Peak: numpy float32 GEMM {_get(r, 'gemm', 'all_cores', 'size')}^2, best of {_get(r, 'gemm', 'all_cores', 'runs')}: "
             f"**{_f(g_all)} GFLOP/s** all cores, **{_f(g_one)} GFLOP/s** one core.", "",
+            "onnxruntime's own GEMMs, same size (what fp32 and int8 convolutions reduce to), GOP/s all cores / one core: "
+            + ", ".join(f"{kind} {_f(_get(r, 'gemm', 'all_cores', 'onnxruntime', kind, 'gops'))} / {_f(_get(r, 'gemm', 'one_core', 'onnxruntime', kind, 'gops'))}"
+                        for kind in ("MatMul", "MatMulInteger"))
+            + f" (int8/fp32 ratio, all cores: **{_f(_ratio(_get(r, 'gemm', 'all_cores', 'onnxruntime', 'MatMulInteger', 'gops'), _get(r, 'gemm', 'all_cores', 'onnxruntime', 'MatMul', 'gops')), 2)}x**: "
+            "the most int8 can gain over fp32 on this CPU in onnxruntime).", "",
             "Model FLOPs (2 x MACs of Conv/MatMul/Gemm from the ONNX graph, one image): "
             + ", ".join(f"{n} {v['flops'] / 1e9:.3f} GFLOP" for n, v in (r.get("flops") or {}).items()) + ".", "",
             f"Achieved GFLOP/s at batch {b} (model only) and the fraction of the all-core fp32 GEMM peak:", "",
@@ -252,6 +258,18 @@ def _speed_work(r: dict) -> str:
         for name, stats in (plain or {}).items():
             ours = _get(res, "models", name, "b1_ms", "p50")
             rows.append(f"| {_label(key)} | {name} | {_f(stats['p50'], 2)} | {_f(ours, 2)} | {_f(_ratio(stats['p50'], ours), 2)}x |")
+    rows += ["", "Idle onnxruntime threads: spinning (onnxruntime's default) vs sleeping (pneumoedge's `ALLOW_SPINNING = False`); "
+             "model only batch 1 p50 ms, and `predict_many` images/s:", "",
+             "| configuration | model | spinning | sleeping | gain |", "| --- | --- | --- | --- | --- |"]
+    for key, res in r["runtimes"].items():
+        spin = res.get("spinning") if isinstance(res, dict) else None
+        if not spin:
+            continue
+        for name, stats in spin["b1_ms"].items():
+            ours = _get(res, "models", name, "b1_ms", "p50")
+            rows.append(f"| {_label(key)} | {name} | {_f(stats['p50'], 2)} | {_f(ours, 2)} | {_f(_ratio(stats['p50'], ours), 2)}x |")
+        ours = _get(res, "throughput", "images_per_s")
+        rows.append(f"| {_label(key)} | folder images/s | {_f(spin['images_per_s'])} | {_f(ours)} | {_f(_ratio(ours, spin['images_per_s']), 2)}x |")
     rows += ["", "Folder pipeline (`predict_many`), images/s:", "", "| configuration | batch 8, default decode threads | batch 8, 1 decode thread | batch 1, 1 decode thread |",
              "| --- | --- | --- | --- |"]
     b = r["settings"]["batch"]

@@ -254,9 +254,32 @@ def task_ort(cfg: dict) -> dict[str, Any]:
         feed = {session.get_inputs()[0].name: x}
         plain[member.name] = summarize(time_calls(lambda i: session.run(None, feed), runs, warmup))
     result["default_session_options_b1_ms"] = plain
+    result["spinning"] = _spinning_variant(cfg, members, images, stream)
     result["provider"] = ensemble.provider
     result["decode_reductions"] = sorted({m.card.spec.decode_reduction for m in members})
     return result
+
+
+def _spinning_variant(cfg: dict, members: list, images: list, stream: list) -> dict[str, Any]:
+    """The same ensemble with onnxruntime's threads allowed to spin (its default): model only and folder."""
+    import pneumoedge
+    from pneumoedge.runtime import sessions
+
+    sessions.ALLOW_SPINNING = True
+    try:
+        spinning = pneumoedge.load(cfg["bundle"], precision=cfg["precision"], threads=cfg["threads"])
+    finally:
+        sessions.ALLOW_SPINNING = False
+    chosen = [m for m in spinning.members if m.name in {x.name for x in members}]
+    ensemble = pneumoedge.Ensemble(chosen, threshold=spinning.threshold)
+    out: dict[str, Any] = {"b1_ms": {}}
+    for member in chosen:
+        feed = {member.input_name: ensemble.tensors(ensemble.decode(images[0]))[chosen.index(member)][None]}
+        out["b1_ms"][member.name] = summarize(time_calls(lambda i: member.session.run(None, feed), cfg["runs"], cfg["warmup"]))
+    start = time.perf_counter()
+    count = sum(1 for _ in ensemble.predict_many(stream, batch_size=cfg["batch"]))
+    out["images_per_s"] = count / (time.perf_counter() - start)
+    return out
 
 
 def task_gemm(cfg: dict) -> dict[str, Any]:
@@ -267,7 +290,33 @@ def task_gemm(cfg: dict) -> dict[str, Any]:
     c = np.empty_like(a)
     times = time_calls(lambda i: np.matmul(a, b, out=c), cfg["gemm_runs"], 2)
     best = min(times)
-    return {"size": size, "runs": len(times), "best_s": best, "median_s": float(np.median(times)), "gflops": 2 * size**3 / best / 1e9}
+    result = {"size": size, "runs": len(times), "best_s": best, "median_s": float(np.median(times)), "gflops": 2 * size**3 / best / 1e9}
+    result["onnxruntime"] = {kind: _ort_gemm(kind, size, cfg["gemm_threads"], cfg["gemm_runs"]) for kind in ("MatMul", "MatMulInteger")}
+    return result
+
+
+def _ort_gemm(kind: str, size: int, threads: int, runs: int) -> dict[str, float]:
+    """onnxruntime's own GEMM peak: fp32 MatMul vs u8 x s8 MatMulInteger (what int8 convolutions reduce to)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    integer = kind == "MatMulInteger"
+    weight = rng.integers(-127, 128, (size, size), dtype=np.int8) if integer else rng.standard_normal((size, size), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node(kind, ["a", "b"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8 if integer else TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32 if integer else TensorProto.FLOAT, [size, size])],
+        initializer=[numpy_helper.from_array(weight, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 256, (size, size), dtype=np.uint8) if integer else rng.standard_normal((size, size), dtype=np.float32)
+    best = min(time_calls(lambda i: session.run(None, {"a": a}), runs, 2))
+    return {"threads": threads, "best_s": best, "gops": 2 * size**3 / best / 1e9}
 
 
 def task_flatness(cfg: dict) -> dict[str, Any]:

@@ -28,13 +28,23 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+#: Whether idle onnxruntime pool threads busy-wait for work. Off: while the sessions wait
+#: between runs, spinning threads would take the cores that predict_many's decode threads
+#: (and anything else on a small shared workstation) need; benchmarks/compare.py measures both.
+ALLOW_SPINNING = False
+
+
 def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
     """Session options chosen deliberately: full graph optimisation, sequential execution.
 
     `threads` sets intra-op threads (None: onnxruntime's default, one per physical core).
     Inter-op stays at 1 because these CNNs are a chain of ops with nothing to run in parallel.
+    Idle threads sleep instead of spinning (see `ALLOW_SPINNING`).
     """
     options = ort.SessionOptions()
+    spin = "1" if ALLOW_SPINNING else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
