@@ -173,3 +173,15 @@ def test_runtime_tensors_equal_training_tensors_for_dicom(bundle_dir: Path, tmp_
     for member, tensor in zip(model.members, runtime):
         np.testing.assert_array_equal(tensor, preprocess(path, member.card.spec))  # what training feeds Keras
     assert model.predict(str(path)).status == "ok"
+
+
+def test_palette_color_dicom_goes_through_its_lut() -> None:
+    index = (np.arange(64).reshape(8, 8) % 4).astype(np.uint8)
+    channels = {"Red": [0, 65535, 0, 0], "Green": [0, 0, 65535, 0], "Blue": [0, 0, 0, 65535]}
+    attributes = {}
+    for colour, values in channels.items():
+        attributes[f"{colour}PaletteColorLookupTableDescriptor"] = [4, 0, 16]
+        attributes[f"{colour}PaletteColorLookupTableData"] = np.asarray(values, np.uint16).tobytes()
+    pixels = read_pixels(dicom_bytes(index, photometric="PALETTE COLOR", **attributes))
+    expected = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.float32)[index]
+    np.testing.assert_array_equal(pixels, expected)
