@@ -75,6 +75,8 @@ def inspect(data: bytes, *, max_pixels: int) -> Header:
 
 def sniff(data: bytes) -> str:
     """The image format of `data` by its magic bytes, or `ImageError` saying what it looks like."""
+    if data[128:132] == b"DICM":  # first: a preamble may itself hold a TIFF header (dual-format files)
+        return "dicom"
     if data.startswith(_PNG_MAGIC):
         return "png"
     if data.startswith(b"\xff\xd8\xff"):
@@ -83,7 +85,7 @@ def sniff(data: bytes) -> str:
         return "bmp"
     if data[:4] in _TIFF_MAGICS:
         return "tiff"
-    if data[128:132] == b"DICM" or _looks_like_bare_dicom(data):
+    if _looks_like_bare_dicom(data):
         return "dicom"
     if data[:4] in _BIGTIFF_MAGICS:
         raise ImageError("BigTIFF files are not supported: save the image as an ordinary TIFF or PNG")
@@ -256,7 +258,7 @@ def _tiff(data: bytes) -> Header:
         at = ifd + 2 + 12 * i
         tag, kind, count = read.u16(at), read.u16(at + 2), read.u32(at + 4)
         if kind in (3, 4) and tag in (256, 257, 273, 279, 324, 325):
-            tags[tag] = _tiff_values(read, at + 8, kind, min(count, 1 << 20))
+            tags[tag] = _tiff_values(read, at + 8, kind, min(count, 1 << 16))
     if not tags.get(256) or not tags.get(257):
         raise ImageError("corrupt TIFF: no image width/height in the first directory")
     for offsets, counts in ((273, 279), (324, 325)):
