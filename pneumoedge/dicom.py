@@ -3,7 +3,8 @@
 Rendering, in the order of the DICOM standard's grayscale pipeline (PS3.3 C.11):
 stored values (BitsStored honoured, sign extended by pydicom) -> modality LUT or rescale
 slope/intercept -> the file's first VOI LUT, else its first window centre/width (LINEAR,
-LINEAR_EXACT or SIGMOID), else the image's own min..max -> MONOCHROME1 inverted, so that
+LINEAR_EXACT or SIGMOID), else the image's own min..max (only min..max with the spec's
+`dicom_voi="min_max"`) -> MONOCHROME1 inverted, so that
 bone is bright as in MONOCHROME2 -> float32 in 0..255. Colour objects (RGB, YBR_* converted
 by pydicom, PALETTE COLOR through its LUT) are scaled from their bit depth to 0..255.
 
@@ -26,8 +27,11 @@ _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLO
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
-def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
+def decode_dicom(data: bytes, *, max_pixels: int, voi: str = "file") -> np.ndarray:
     """Render a single-frame DICOM image to float32 0..255, (H, W) gray or (H, W, 3) RGB.
+
+    `voi`: "file" renders through the file's VOI LUT or window (else min..max); "min_max"
+    ignores them and stretches the modality values' min..max.
 
     Raises `ImageError` for anything that is not one decodable image, with the reason.
     """
@@ -39,7 +43,7 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
         _ensure_transfer_syntax(ds)
         _check_single_image(ds, max_pixels)
-        return _render(np.asarray(ds.pixel_array), ds)
+        return _render(np.asarray(ds.pixel_array), ds, voi)
     except ImageError:
         raise
     # pydicom parses untrusted bytes and raises many types on a corrupt file (ValueError,
@@ -99,12 +103,13 @@ def _check_decoder(syntax: Any) -> None:
         )
 
 
-def _render(stored: np.ndarray, ds: Any) -> np.ndarray:
+def _render(stored: np.ndarray, ds: Any, voi: str) -> np.ndarray:
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     if photometric in _GRAY:
         if stored.ndim != 2:
             raise ImageError(f"DICOM {photometric} pixel data has shape {stored.shape}, expected rows x columns")
-        unit = _voi(_modality(stored, ds), ds)
+        values = _modality(stored, ds)
+        unit = _voi(values, ds) if voi == "file" else _min_max(values.astype(np.float64))
         if photometric == "MONOCHROME1":
             unit = 1.0 - unit  # MONOCHROME1 shows low values white: invert to MONOCHROME2
         return (unit * 255.0).astype(np.float32)
@@ -146,6 +151,10 @@ def _voi(values: np.ndarray, ds: Any) -> np.ndarray:
             return np.clip((values - center) / width + 0.5, 0.0, 1.0)
         # LINEAR (PS3.3 C.11.2.1.2.1); the clip gives its two flat ends.
         return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+    return _min_max(values)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
     lo, hi = float(values.min()), float(values.max())
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
 

@@ -95,7 +95,7 @@ def read_bytes(path: Union[str, Path]) -> bytes:
     return data
 
 
-def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False) -> np.ndarray:
+def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False, dicom_voi: str = "file") -> np.ndarray:
     """Decode encoded image bytes to pixels.
 
     Returns (H, W) gray or (H, W, 3) RGB: uint8 or uint16 for PNG/JPEG/BMP/TIFF, float32 in
@@ -107,6 +107,7 @@ def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False) -> np.n
             (much cheaper than a full decode); other formats ignore it. Only for models
             trained through this same function, since it changes pixels.
         gray: with reduction > 1, decode JPEG straight to one luminance channel.
+        dicom_voi: "file" or "min_max": which VOI renders a DICOM image (`pneumoedge.dicom`).
     """
     if reduction not in (1, 2, 4, 8):
         raise ValueError(f"reduction must be 1, 2, 4 or 8, not {reduction}")
@@ -115,7 +116,7 @@ def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False) -> np.n
     if header.kind == "dicom":
         from pneumoedge.dicom import decode_dicom
 
-        return decode_dicom(data, max_pixels=limit)
+        return decode_dicom(data, max_pixels=limit, voi=dicom_voi)
     if reduction > 1 and header.kind == "jpeg":
         flags = (_REDUCED_GRAY if gray else _REDUCED_COLOR)[reduction]
     elif header.png_color_type == 4:
@@ -142,7 +143,7 @@ def _normalise_layout(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def read_pixels(source: ImageSource, *, reduction: int = 1, gray: bool = False) -> np.ndarray:
+def read_pixels(source: ImageSource, *, reduction: int = 1, gray: bool = False, dicom_voi: str = "file") -> np.ndarray:
     """Decode a path, encoded bytes, or an array into pixels (see `decode_bytes`).
 
     Arrays are taken as already decoded: (H, W) gray or (H, W, 3) RGB, uint8 or uint16.
@@ -156,4 +157,4 @@ def read_pixels(source: ImageSource, *, reduction: int = 1, gray: bool = False) 
             raise ImageError(f"array must be uint8 or uint16, got {source.dtype}")
         return source
     data = source if isinstance(source, bytes) else read_bytes(source)
-    return decode_bytes(data, reduction=reduction, gray=gray)
+    return decode_bytes(data, reduction=reduction, gray=gray, dicom_voi=dicom_voi)

@@ -31,6 +31,8 @@ COLORS = ("gray", "rgb")
 LAYOUTS = ("NHWC", "NCHW")
 #: How pixels deeper than 8 bits reach the 0..255 range the scaling expects.
 HIGH_BIT_DEPTH = ("min_max", "full_range")
+#: Which VOI a DICOM image is rendered through (see `pneumoedge.dicom`).
+DICOM_VOI = ("file", "min_max")
 
 
 class SpecError(ValueError):
@@ -42,9 +44,10 @@ class PreprocessSpec:
     """How an image file becomes a model input tensor.
 
     Pixels are first mapped to float32 in 0..255 (8-bit as is; 16-bit by `high_bit_depth`;
-    DICOM rendered like a viewer does, through its modality LUT, VOI LUT or window, and
-    MONOCHROME1 inversion, whatever `high_bit_depth` says: see docs/inputs.md), converted to `color`, resized to `height` x `width` with `resize`,
-    then `x * scale + offset`, then `(x - mean) / std` per channel when mean/std are given.
+    DICOM rendered like a viewer, through its modality LUT, the VOI that `dicom_voi` picks
+    and MONOCHROME1 inversion, whatever `high_bit_depth` says: see docs/inputs.md),
+    converted to `color`, resized to `height` x `width` with `resize`, then
+    `x * scale + offset`, then `(x - mean) / std` per channel when mean/std are given.
     """
 
     height: int = 256
@@ -61,6 +64,10 @@ class PreprocessSpec:
     #: JPEG decode at 1/N scale (1, 2, 4, 8): a large speed-up, but it changes pixels, so only
     #: for models trained through this same function.
     decode_reduction: int = 1
+    #: DICOM VOI: "file" (its VOI LUT, else its window, else min..max) or "min_max" (ignore
+    #: the file's window). Left out of `to_dict` at its default, so specs written before it
+    #: existed, and the manifests holding them, stay as they were.
+    dicom_voi: str = "file"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +88,8 @@ class PreprocessSpec:
             problems.append(f"dtype must be 'float32', got {self.dtype!r}")
         if self.high_bit_depth not in HIGH_BIT_DEPTH:
             problems.append(f"high_bit_depth must be one of {HIGH_BIT_DEPTH}, got {self.high_bit_depth!r}")
+        if self.dicom_voi not in DICOM_VOI:
+            problems.append(f"dicom_voi must be one of {DICOM_VOI}, got {self.dicom_voi!r}")
         if self.decode_reduction not in (1, 2, 4, 8):
             problems.append(f"decode_reduction must be 1, 2, 4 or 8, got {self.decode_reduction!r}")
         for name in ("mean", "std"):
@@ -104,10 +113,10 @@ class PreprocessSpec:
         return (self.channels, self.height, self.width)
 
     @property
-    def decode_key(self) -> tuple[int, bool]:
+    def decode_key(self) -> tuple[int, bool, str]:
         """Specs with the same key can share one decode of a file."""
         reduced = self.decode_reduction > 1
-        return (self.decode_reduction, reduced and self.color == "gray")
+        return (self.decode_reduction, reduced and self.color == "gray", self.dicom_voi)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -116,6 +125,8 @@ class PreprocessSpec:
                 data[name] = list(data[name])
         if not data["extra"]:
             del data["extra"]
+        if data["dicom_voi"] == "file":
+            del data["dicom_voi"]
         return data
 
     def to_json(self) -> str:
@@ -147,8 +158,8 @@ class PreprocessSpec:
 
 def read_for(source: ImageSource, spec: PreprocessSpec) -> np.ndarray:
     """Decode a source the way `spec` asks (see `PreprocessSpec.decode_key`)."""
-    reduction, gray = spec.decode_key
-    return read_pixels(source, reduction=reduction, gray=gray)
+    reduction, gray, dicom_voi = spec.decode_key
+    return read_pixels(source, reduction=reduction, gray=gray, dicom_voi=dicom_voi)
 
 
 def to_float_pixels(pixels: np.ndarray, high_bit_depth: str) -> np.ndarray:

@@ -185,3 +185,19 @@ def test_palette_color_dicom_goes_through_its_lut() -> None:
     pixels = read_pixels(dicom_bytes(index, photometric="PALETTE COLOR", **attributes))
     expected = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.float32)[index]
     np.testing.assert_array_equal(pixels, expected)
+
+
+def test_spec_dicom_voi_min_max_ignores_the_files_window() -> None:
+    windowed = dicom_bytes(TWELVE, bits_stored=12, WindowCenter=1000, WindowWidth=100)
+    spec = PreprocessSpec(height=64, width=64, scale=1.0, dicom_voi="min_max")
+    np.testing.assert_allclose(preprocess(windowed, spec)[:, :, 0], MIN_MAX, atol=1e-3)
+    assert not np.allclose(preprocess(windowed, PreprocessSpec(height=64, width=64, scale=1.0))[:, :, 0], MIN_MAX)
+
+
+def test_dicom_voi_is_left_out_of_json_at_its_default_so_old_manifests_match() -> None:
+    assert "dicom_voi" not in PreprocessSpec().to_dict()
+    spec = PreprocessSpec(dicom_voi="min_max")
+    assert PreprocessSpec.from_json(spec.to_json()) == spec
+    assert PreprocessSpec.from_dict({"height": 8, "width": 8}).dicom_voi == "file"
+    with pytest.raises(Exception, match="dicom_voi must be one of"):
+        PreprocessSpec(dicom_voi="window")
