@@ -224,7 +224,7 @@ def _jpeg(data: bytes) -> Header:
         pos += 2 + length
     if size is None:
         raise ImageError("corrupt JPEG: no frame header (SOF) before the image data")
-    if data.find(b"\xff\xd9", pos + 2 + length) < 0:
+    if data.rfind(b"\xff\xd9", pos + 2 + length) < 0:  # from the end: the EOI is normally last
         raise _truncated("JPEG")
     if size[1] == 0:
         raise ImageError("unsupported JPEG: the height is declared after the image data (DNL marker)")
