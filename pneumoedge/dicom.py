@@ -3,10 +3,10 @@
 Rendering, in the order of the DICOM standard's grayscale pipeline (PS3.3 C.11):
 stored values (BitsStored honoured, sign extended by pydicom) -> modality LUT or rescale
 slope/intercept -> the file's first VOI LUT, else its first window centre/width (LINEAR,
-LINEAR_EXACT or SIGMOID), else the image's own min..max (only min..max with the spec's
-`dicom_voi="min_max"`) -> MONOCHROME1 inverted, so that
-bone is bright as in MONOCHROME2 -> float32 in 0..255. Colour objects (RGB, YBR_* converted
-by pydicom, PALETTE COLOR through its LUT) are scaled from their bit depth to 0..255.
+LINEAR_EXACT or SIGMOID), else the image's own min..max (always min..max with the spec's
+`dicom_voi="min_max"`) -> MONOCHROME1 inverted, so that bone is bright as in MONOCHROME2
+-> float32 in 0..255. Colour objects (RGB, YBR_* converted by pydicom, PALETTE COLOR
+through its LUT) are scaled from their bit depth to 0..255.
 
 The result is float32 0..255, not rounded to 8 bits: `preprocessing.to_float_pixels` takes it
 as it is, whatever the spec's `high_bit_depth` says, for training and runtime alike.
