@@ -74,8 +74,8 @@ def read_bytes(path: Union[str, Path]) -> bytes:
             size = info.st_size
             if size > limit:
                 raise ImageError(
-                    f"file is {size / 1e6:.0f} MB, more than any image within the size limit "
-                    f"({limit / 1e6:.0f} MB; see PNEUMOEDGE_MAX_IMAGE_PIXELS)"
+                    f"file is {_bytes(size)}, more than any image within the size limit "
+                    f"({_bytes(limit)}; see PNEUMOEDGE_MAX_IMAGE_PIXELS)"
                 )
             data = handle.read(limit + 1)
     except FileNotFoundError:
@@ -93,6 +93,13 @@ def read_bytes(path: Union[str, Path]) -> bytes:
     if not data:
         raise ImageError("empty file (0 bytes): still being written, or a failed copy?")
     return data
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False, dicom_voi: str = "file") -> np.ndarray:

@@ -110,6 +110,29 @@ def test_bmp_and_tiff_declared_sizes_are_checked_too(monkeypatch) -> None:
     assert "PNEUMOEDGE_MAX_IMAGE_PIXELS must be a positive number" in _refused(encoded(".png"))
 
 
+def test_file_larger_than_the_limit_allows_is_refused_unread(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "big.png"
+    path.write_bytes(encoded(".png", gradient_image(100, 100, 3)))
+    monkeypatch.setenv("PNEUMOEDGE_MAX_IMAGE_PIXELS", "100")  # 800 bytes allowed
+    with pytest.raises(ImageError, match=r"^file is \d+\.\d kB, more than any image within the size limit \(800 bytes"):
+        read_pixels(path)
+
+
+def test_io_error_on_a_dropped_share_is_a_clean_error(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "far away.png"
+    path.write_bytes(encoded(".png"))
+    real_open = os.open
+
+    def dropped(target, *args, **kwargs):
+        if Path(target) == path:
+            raise OSError(5, "Input/output error", str(target))
+        return real_open(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", dropped)
+    with pytest.raises(ImageError, match="^cannot read file: Input/output error$"):
+        read_pixels(path)
+
+
 # -- odd PNG and JPEG layouts ----------------------------------------------------------------
 
 
