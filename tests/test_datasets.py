@@ -289,6 +289,18 @@ def test_write_examples(tmp_path):
     assert is_synthetic(tmp_path / "ex")
 
 
+def test_write_examples_png_size_and_size_range(tmp_path):
+    """X-ray-sized JPEGs in the range asked; the one 16-bit PNG at its own (smaller) size."""
+    paths = write_examples(tmp_path / "ex", n=4, size=((120, 160), (100, 140)), png_size=(64, 80))
+    for path in paths:
+        pixels = read_pixels(path)
+        if path.suffix == ".png":
+            assert pixels.shape == (64, 80) and pixels.dtype == np.uint16
+        else:
+            assert 120 <= pixels.shape[0] <= 160 and 100 <= pixels.shape[1] <= 140 and pixels.dtype == np.uint8
+    assert "png_size=(64, 80)" in (tmp_path / "ex" / "PROVENANCE.txt").read_text()
+
+
 def test_patient_split_tiny_set_still_has_val():
     samples = [_sample(f"IM-{p:04d}-{j:04d}.jpeg", "NORMAL") for p in range(2) for j in range(1, 4)]
     train, val = patient_split(samples, 0.1, seed=0)

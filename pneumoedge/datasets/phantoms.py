@@ -416,11 +416,23 @@ def generate_dataset(
     return root
 
 
+#: Example images at the size of real chest X-rays (1-2 Mpx), so demos pay real decode costs.
+EXAMPLE_SIZE: Size = ((1100, 1500), (1000, 1400))
+#: 12-bit noise compresses poorly: a 1.7 Mpx 16-bit PNG is ~2 MB, so the example PNG is ~1 Mpx.
+EXAMPLE_PNG_SIZE: Size = (1024, 1024)
+
+
 def write_examples(
-    folder: Union[str, Path], n: int = 8, seed: int = 1234, size: Size = (512, 512), jpeg_quality: int = 85
+    folder: Union[str, Path],
+    n: int = 8,
+    seed: int = 1234,
+    size: Size = EXAMPLE_SIZE,
+    jpeg_quality: int = 90,
+    png_size: Optional[Size] = EXAMPLE_PNG_SIZE,
 ) -> list[Path]:
     """Write `n` flat example phantoms (`example_01.jpeg`, ...; one 16-bit PNG) for demos.
 
+    `size` as in `generate_dataset`; `png_size` is the 16-bit PNG's (None: as `size`).
     Names do not reveal the class: the truth is in `LABELS.csv` (file, truth, subtype) beside
     them, with a README.txt saying they are synthetic. Returns the image paths.
     """
@@ -437,13 +449,17 @@ def write_examples(
         suffix = ".png" if i == sixteen_at else ".jpeg"
         anatomy_seed, image_seed = job_seed.spawn(2)
         path = folder / f"example_{i + 1:02d}{suffix}"
-        jobs.append(_Job(path, kind, anatomy_seed, image_seed, _pick_size(size, rng), i == sixteen_at, jpeg_quality))
+        shape = _pick_size(size, rng)
+        if i == sixteen_at and png_size is not None:
+            shape = _pick_size(png_size, rng)
+        jobs.append(_Job(path, kind, anatomy_seed, image_seed, shape, i == sixteen_at, jpeg_quality))
     _run(jobs, None)
     with open(folder / "LABELS.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "truth", "subtype"])
         for job in jobs:
             writer.writerow([job.path.name, *KIND_CLASSES[job.kind]])
-    _write_notice(folder, f"Generator: pneumoedge.datasets.phantoms.write_examples(n={n}, seed={seed}, size={size!r})\n"
+    _write_notice(folder, f"Generator: pneumoedge.datasets.phantoms.write_examples(n={n}, seed={seed}, size={size!r}, "
+                  f"jpeg_quality={jpeg_quality}, png_size={png_size!r})\n"
                   "Truth for each file: LABELS.csv (truth = binary label, subtype = kind of phantom).\n")
     return [job.path for job in jobs]
