@@ -19,7 +19,7 @@ from pneumoedge.runtime.bench import BenchError, BenchSettings, bench_images, ru
 def bench(
     model: Annotated[
         Optional[List[Path]],
-        typer.Argument(help="A bundle folder or .onnx file(s). Default: the bundled model.", show_default=False),
+        typer.Argument(metavar="MODEL_OR_BUNDLE", help="A bundle folder or .onnx file(s). Default: the bundled model.", show_default=False),
     ] = None,
     images: Annotated[
         Optional[Path],
