@@ -75,3 +75,24 @@ def test_recipe_registry_and_unknown_recipe(export_base: Path) -> None:
     assert {r.calibrate_method for r in RECIPES.values()} == {"minmax", "entropy", "percentile"}
     with pytest.raises(QuantizationError, match="unknown recipe"):
         quantize_int8(Path("x.onnx"), Path("y.onnx"), np.zeros((1, 8, 8, 1), np.float32), recipe="fp4")
+
+
+def test_qoperator_recipe_and_fair_timing(export_base: Path, tmp_path: Path) -> None:
+    """A QOperator recipe writes QLinearConv; `time_models` times fp32 and int8 side by side."""
+    pytest.importorskip("tensorflow")
+    import onnx
+
+    from pneumoedge.bundle import card_from_metadata
+    from pneumoedge.export.onnx_export import onnx_session
+    from pneumoedge.export.quantization import RECIPES, preprocess_for_quantization, quantize_with, time_models
+
+    fp32 = tiny_onnx(export_base).onnx_path
+    calib = _calibration(export_base)
+    card = card_from_metadata(onnx_session(fp32).get_modelmeta().custom_metadata_map, str(fp32))
+    pre = preprocess_for_quantization(fp32, tmp_path / "pre.onnx")
+    qop = [r for r in RECIPES.values() if r.quant_format == "qoperator"]
+    assert qop, "the registry offers a QOperator recipe"
+    out = quantize_with(qop[0], pre, tmp_path / "qop.onnx", calib, card)
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(out)).graph.node}
+    times = time_models([fp32, out], calib, rounds=2, per_round=2)
+    assert len(times) == 2 and all(t > 0 and np.isfinite(t) for t in times)
