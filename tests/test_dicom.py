@@ -201,3 +201,18 @@ def test_dicom_voi_is_left_out_of_json_at_its_default_so_old_manifests_match() -
     assert PreprocessSpec.from_dict({"height": 8, "width": 8}).dicom_voi == "file"
     with pytest.raises(Exception, match="dicom_voi must be one of"):
         PreprocessSpec(dicom_voi="window")
+
+
+def test_training_scan_takes_dicom_and_feeds_the_same_tensor(tmp_path: Path) -> None:
+    from pneumoedge.datasets.kaggle import scan
+
+    for label, name in (("NORMAL", "IM-0001-0001.dcm"), ("PNEUMONIA", "person1_bacteria_1.dcm")):
+        folder = tmp_path / "train" / label
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(_CACHED_DICOM)
+    samples = scan(tmp_path, "train")
+    assert [s.path.suffix for s in samples] == [".dcm", ".dcm"]
+    assert [s.label for s in samples] == ["NORMAL", "PNEUMONIA"]
+    spec = PreprocessSpec(height=32, width=32)
+    expected = preprocess(_CACHED_DICOM, spec)
+    np.testing.assert_array_equal(preprocess(samples[0].path, spec), expected)

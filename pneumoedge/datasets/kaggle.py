@@ -11,6 +11,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from pneumoedge.imageio import IMAGE_SUFFIXES
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -20,12 +22,13 @@ TASKS = ("binary", "multiclass")
 #: Subtype of a PNEUMONIA file whose name says neither "bacteria" nor "virus". Usable for the
 #: binary task; asking for its multiclass target raises `DatasetError`.
 UNKNOWN = "UNKNOWN"
-#: Suffixes (lower-cased) that `scan` takes as images; anything else is reported, not used.
-SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+#: Suffixes (lower-cased) that `scan` takes as images: everything the shared decoder reads
+#: (DICOM included), so a model can be trained on the files the clinic will run it on.
+SUFFIXES = IMAGE_SUFFIXES
 
 LAYOUT_HELP = (
     "expected the Kaggle chest_xray layout ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg "
-    "(.jpeg, .jpg or .png)"
+    "(.jpeg, .jpg, .png, .bmp, .tif(f) or .dcm)"
 )
 
 # person1_bacteria_1, person1000_virus_1681 -> person1, person1000
@@ -144,7 +147,7 @@ def scan(root: Union[str, Path], split: Optional[str] = None) -> list[Sample]:
     Raises:
         DatasetError: root or label folders missing, or a split without images.
 
-    Files with other suffixes (.DS_Store, notes, DICOM) and sub-folders are not used; a warning
+    Files with other suffixes (.DS_Store, notes) and sub-folders are not used; a warning
     lists them, so a half-converted data set does not go unnoticed.
     """
     root = Path(root)
