@@ -20,8 +20,9 @@ runner = CliRunner()
         (["train", "{tmp}", "--arch", "resnet9000", "--out", "{tmp}/r"], "unknown architecture"),
         (["evaluate", "{tmp}/nothing", "{tmp}"], ""),
         (["export", "{tmp}/their.keras", "--out", "{tmp}/b"], "--size"),
+        (["export", "{tmp}/their.keras", "--out", "{tmp}/b", "--size", "64", "--size", "64", "--dicom-voi", "auto"], "dicom_voi must be one of"),
     ],
-    ids=["train-missing-data", "train-unknown-arch", "evaluate-missing-model", "export-foreign-without-spec"],
+    ids=["train-missing-data", "train-unknown-arch", "evaluate-missing-model", "export-foreign-without-spec", "export-bad-dicom-voi"],
 )
 def test_user_mistakes_exit_2_without_traceback(tmp_path: Path, args: list[str], message: str) -> None:
     pytest.importorskip("tensorflow")

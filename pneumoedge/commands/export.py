@@ -39,6 +39,7 @@ def export_command(
     mean: Annotated[Optional[str], typer.Option(help="Foreign model: per-channel mean to subtract after scaling, e.g. 0.485,0.456,0.406.", show_default=False)] = None,
     std: Annotated[Optional[str], typer.Option(help="Foreign model: per-channel std to divide by, e.g. 0.229,0.224,0.225.", show_default=False)] = None,
     high_bit_depth: Annotated[str, typer.Option(help="Foreign model: 16-bit pixels to 0..255 by min_max or full_range.")] = "min_max",
+    dicom_voi: Annotated[str, typer.Option(help="Foreign model: DICOM grey levels by the file's own VOI LUT/window (file) or by min_max. See docs/inputs.md.")] = "file",
     labels: Annotated[str, typer.Option(help="Foreign model: label names in output order, comma-separated.")] = "NORMAL,PNEUMONIA",
     head: Annotated[str, typer.Option(help="Foreign model: sigmoid (1 unit, p of the 2nd label), softmax (N units), or logits (raw; sigmoid/softmax applied by the runtime).")] = "sigmoid",
     threshold: Annotated[float, typer.Option(help="Foreign binary model: decision threshold to record.")] = 0.5,
@@ -77,7 +78,7 @@ def export_command(
                 raise ExportError(f"{models[0]} is not a pneumoedge run folder: declare its preprocessing, at least --size H W (see --help)")
             spec = PreprocessSpec(
                 height=size[0], width=size[1], color=color, resize=resize, scale=parse_scale(scale), offset=offset,
-                mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), high_bit_depth=high_bit_depth,
+                mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), high_bit_depth=high_bit_depth, dicom_voi=dicom_voi,
             )
             label_list = [x.strip() for x in labels.split(",") if x.strip()]
             result = export_foreign(
