@@ -418,8 +418,8 @@ def generate_dataset(
 
 #: Example images at the size of real chest X-rays (1-2 Mpx), so demos pay real decode costs.
 EXAMPLE_SIZE: Size = ((1100, 1500), (1000, 1400))
-#: 12-bit noise compresses poorly: a 1.7 Mpx 16-bit PNG is ~2 MB, so the example PNG is ~1 Mpx.
-EXAMPLE_PNG_SIZE: Size = (1024, 1024)
+#: 12-bit noise compresses poorly: a 1.7 Mpx 16-bit PNG is ~2 MB, so the example PNG is 0.86 Mpx (~1.2 MB).
+EXAMPLE_PNG_SIZE: Size = (960, 900)
 
 
 def write_examples(

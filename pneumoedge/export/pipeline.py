@@ -405,6 +405,9 @@ class DemoPlan:
     patience: int
     batch_size: int
     examples: int
+    #: The full demo trains as the default bundle does: X-ray-sized phantoms decoded at 1/4.
+    decode_reduction: int = 1
+    lr_schedule: str = "plateau"
 
     @classmethod
     def make(cls, quick: bool) -> "DemoPlan":
@@ -412,7 +415,7 @@ class DemoPlan:
             return cls({"train": {"normal": 24, "bacteria": 12, "virus": 12}, "test": {"normal": 8, "bacteria": 4, "virus": 4}},
                        (96, 96), (64, 64), 2, 2, 16, 4)
         return cls({"train": {"normal": 240, "bacteria": 120, "virus": 120}, "test": {"normal": 60, "bacteria": 30, "virus": 30}},
-                   ((320, 448), (320, 448)), None, 8, 3, 16, 8)
+                   ((1024, 1600), (1024, 1600)), None, 10, 10, 16, 8, decode_reduction=4, lr_schedule="cosine")
 
 
 @dataclass
@@ -470,7 +473,7 @@ def run_demo(
         done = step(f"train {arch}")
         result = train(
             data, arch, out / "runs" / arch, epochs=plan.epochs, batch_size=plan.batch_size, seed=seed,
-            size=plan.input_size, patience=plan.patience,
+            size=plan.input_size, patience=plan.patience, decode_reduction=plan.decode_reduction, lr_schedule=plan.lr_schedule,
             on_epoch=lambda e, n, logs: progress(f"    epoch {e}/{n}: loss {logs.get('loss', 0):.3f}, val_loss {logs.get('val_loss', 0):.3f}, val_acc {logs.get('val_accuracy', 0):.3f}"),
         )
         run_dirs.append(result.run_dir)
@@ -499,7 +502,10 @@ def run_demo(
     done()
 
     done = step("run the runtime on example images")
-    examples = phantoms.write_examples(out / "examples", n=plan.examples, seed=seed + 7, size=plan.image_size if quick else (512, 512))
+    if quick:
+        examples = phantoms.write_examples(out / "examples", n=plan.examples, seed=seed + 7, size=plan.image_size, png_size=None)
+    else:
+        examples = phantoms.write_examples(out / "examples", n=plan.examples, seed=seed + 7)
     artefacts["examples"] = str(out / "examples")
     ensemble = pneumoedge.load(bundle.bundle_dir)
     predictions = [p.to_dict() for p in ensemble.predict_many(examples)]
