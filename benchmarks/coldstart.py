@@ -110,7 +110,7 @@ def measure_all(bundle: Path, image: str, checks: dict, s: dict[str, Any], tflit
     specs = {m.name: (m.card.spec.height, m.card.spec.width) for m in read_manifest(bundle).members}
     names = s["models"]
     result["keras_founding"] = repeat(
-        code(_KERAS, paths=[checks[n]["keras"] for n in names], specs=[specs[n] for n in names], names=names, image=image), times, warm
+        code(_KERAS, paths=[checks[n].get("snapshot") for n in names], specs=[specs[n] for n in names], names=names, image=image), times, warm
     )
     if tflite_dir is not None and all((tflite_dir / f"{n}.int8.tflite").is_file() for n in names):
         paths = [str(tflite_dir / f"{n}.int8.tflite") for n in names]

@@ -16,6 +16,7 @@ import importlib.metadata as md
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,8 @@ def _args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--flat-images", type=int, default=None, help="images in the memory-flatness run (default 10000; quick 60)")
     parser.add_argument("--note", default="", help="conditions of this run (e.g. machine load), recorded in the results")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="measure nothing: write RESULTS.md in --out again from this results.json")
     return parser.parse_args(argv)
 
 
@@ -109,16 +112,22 @@ def _versions() -> dict[str, str]:
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     s = _settings(args)
     manifest = json.loads((args.bundle / "manifest.json").read_text(encoding="utf-8"))
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), _loadavg()
     with tempfile.TemporaryDirectory(prefix="pneumoedge-compare-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         images = _images(work / "images", s)
         checks = static.keras_run_check(args.keras_runs, manifest, s["models"])
+        for name, check in checks.items():  # a snapshot: a rebuild of the runs during this comparison cannot pull them away
+            if check["keras"]:
+                snapshot = work / "keras" / f"{name}.keras"
+                snapshot.parent.mkdir(exist_ok=True)
+                shutil.copyfile(check["keras"], snapshot)
+                check["snapshot"] = str(snapshot)
         base = {
             "images": images, "bundle": str(args.bundle), "runs": s["runs"], "warmup": s["warmup"], "batch": s["batch"],
             "throughput_images": s["throughput_images"], "threads": s["threads"], "flat_images": s["flat_images"],
-            "models": [{"name": n, "keras": checks[n]["keras"]} for n in s["models"]],
+            "models": [{"name": n, "keras": checks[n].get("snapshot")} for n in s["models"]],
             "calibration_images": images, "tflite_dir": str(work / "tflite"), "gemm_size": s["gemm_size"], "gemm_runs": s["gemm_runs"],
         }
         print(f"compare: {len(images)} images, models {s['models']}, work {work}", file=sys.stderr)
@@ -150,7 +159,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         command=command,
         note=args.note,
-        load_average_start=_loadavg(),
+        load_average_start=load_start,
         machine=dict(machine_info(), cpu_flags=_simd_flags()),
         versions=_versions(),
         settings=s,
@@ -183,6 +192,11 @@ def _loadavg() -> Optional[list[float]]:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _args(argv)
+    if args.render is not None:
+        results = json.loads(args.render.read_text(encoding="utf-8"))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "RESULTS.md").write_text(report.render(results), encoding="utf-8")
+        return 0
     results = run(args, " ".join(shlex.quote(a) for a in ["python", "benchmarks/compare.py", *argv]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

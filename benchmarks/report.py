@@ -79,8 +79,10 @@ def _models(r: dict) -> str:
     lines.append("| model | Keras source | same arch & input as the ONNX | MACs / image | parameters (Keras) |")
     lines.append("| --- | --- | --- | --- | --- |")
     for name, check in r["keras_runs"].items():
-        source = f"trained run `{check['keras']}`" if check["keras"] else "**untrained stand-in** of the same architecture (no run found; fp32 latency does not depend on weight values)"
-        same = "yes" if check.get("same_input") and check.get("same_arch") else "n/a (no run)" if not check["keras"] else "**NO**"
+        source = f"run `{check['keras']}`" if check["keras"] else "**untrained stand-in** of the same architecture (no run found; fp32 latency does not depend on weight values)"
+        same = "yes" if check.get("same_input") and check.get("same_arch") else "n/a (no run)" if not check["keras"] else (
+            "**NO**: " + ", ".join(f"{k} {run} (run) vs {onnx} (bundle)" for k, (run, onnx) in (check.get("differs") or {}).items())
+            + ("" if check.get("same_arch") else f" arch {check.get('arch')}"))
         macs = _get(r, "flops", name, "macs")
         params = _get(r, "runtimes", "keras", "params", name)
         lines.append(f"| {name} | {source} | {same} | {_f(macs and macs / 1e6, 1)} M | {params if params is not None else 'n/a'} |")
@@ -293,5 +295,12 @@ def _agreement(r: dict) -> str:
         if probs and key != "keras":
             rows.append(f"| {_label(key)} | {max(abs(a - b) for a, b in zip(probs, base)):.4f} |")
     rows.append("")
-    rows.append("fp32 rows near 0 say the ONNX members are the Keras models; the founding row differs by its PIL resize; int8 rows show quantization's effect.")
+    stand_ins = [n for n, c in r["keras_runs"].items() if not c["keras"]]
+    mismatched = [n for n, c in r["keras_runs"].items() if c["keras"] and not (c.get("same_input") and c.get("same_arch"))]
+    if stand_ins or mismatched:
+        rows.append(f"**Keras here is not the bundle's training run** (untrained stand-ins: {stand_ins or 'none'}; runs whose input differs from "
+                    f"the bundle's: {mismatched or 'none'}), so Keras/TFLite and pneumoedge ran different weights: differences in this table "
+                    "say nothing about export fidelity (the export's own parity check does). Latency is unaffected for fp32.")
+    else:
+        rows.append("fp32 rows near 0 say the ONNX members are the Keras models; the founding row differs by its PIL resize; int8 rows show quantization's effect.")
     return "\n".join(rows)

@@ -154,7 +154,10 @@ def keras_run_check(runs_dir: Path, manifest: dict, names: list[str]) -> dict[st
             spec = _read_json(run / "spec.json") or {}
             member = members[name]["spec"]
             entry["arch"] = record.get("arch") or record.get("architecture")
-            entry["same_input"] = all(spec.get(k) == member.get(k) for k in ("height", "width", "color"))
+            defaults = {"decode_reduction": 1}
+            entry["differs"] = {k: [spec.get(k, defaults.get(k)), member.get(k, defaults.get(k))] for k in ("height", "width", "color", "resize", "decode_reduction")
+                                if spec.get(k, defaults.get(k)) != member.get(k, defaults.get(k))}
+            entry["same_input"] = not entry["differs"]
             entry["same_arch"] = entry["arch"] in (None, name)
         checks[name] = entry
     return checks
