@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pneumoedge.imageio import IMAGE_SUFFIXES
+from pneumoedge.preprocessing import to_tensor
 from pneumoedge.runtime.ensemble import Ensemble, ModelRef, load
 from pneumoedge.runtime.sessions import create_session
 
@@ -226,6 +227,7 @@ class BenchSettings:
 def _member_figures(ensemble: Ensemble, decoded: list[dict], settings: BenchSettings) -> list[dict[str, Any]]:
     figures = []
     for k, member in enumerate(ensemble.members):
+        spec = member.card.spec
         start = time.perf_counter()
         fresh = create_session(member.source, settings.device, settings.threads)
         created = time.perf_counter() - start
@@ -235,8 +237,8 @@ def _member_figures(ensemble: Ensemble, decoded: list[dict], settings: BenchSett
         fresh.run(None, {feed_name: tensors[0][None]})
         first = time.perf_counter() - start
         del fresh
-        spec = member.card.spec
-        pre = time_calls(lambda i: ensemble.tensors(decoded[i % len(decoded)])[k], settings.runs, 1)
+        key = spec.decode_key
+        pre = time_calls(lambda i: to_tensor(decoded[i % len(decoded)][key], spec), settings.runs, 1)
         singles = [t[None] for t in tensors]
         run = member.session.run
         name = member.input_name
