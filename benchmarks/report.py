@@ -66,7 +66,8 @@ def _header(r: dict) -> str:
         f"medians (p50) unless said; batched figures use batch {s['batch']}; folder throughput over {s['throughput_images']} images; "
         f"'all threads' = {s['threads']}",
         "- **End to end** = read file + decode + preprocess + both models + average, per image, for every runtime. Keras `model(x)` and "
-        "TFLite use pneumoedge's preprocessing function (so only the model runtime differs); the founding way uses PIL as its projects did.",
+        "TFLite use pneumoedge's preprocessing function (so only the model runtime differs); the founding way uses PIL as its projects did "
+        "(`Image.open(...).convert('L').resize((w, h))` with PIL's default filter, then `/255`).",
     ])
 
 

@@ -140,3 +140,26 @@ def test_compare_quick_writes_results(tmp_path: Path) -> None:
     assert data["schema"] == "pneumoedge.compare/1" and data["note"] == "test"
     assert {"founding", "keras", "tflite_fp32", "tflite_int8"} <= set(data["runtimes"])
     assert (committed.read_bytes() if committed.is_file() else None) == before  # tests never touch the committed results
+
+
+def test_onnx_macs_counts_conv_and_matmul_from_shapes(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.static import onnx_macs
+
+    weights = [numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w"), numpy_helper.from_array(np.ones((256, 2), np.float32), "m")]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),  # (N, 4, 8, 8): 4*8*8 outputs x 9 MACs
+            helper.make_node("Flatten", ["c"], ["f"]),
+            helper.make_node("MatMul", ["f", "m"], ["y"]),  # (N, 256) x (256, 2): 2 outputs x 256 MACs
+        ],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], initializer=weights,
+    )
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    macs = onnx_macs(path)
+    assert macs["per_op_macs"] == {"Conv": 4 * 8 * 8 * 9, "MatMul": 2 * 256}
+    assert macs["flops"] == 2 * macs["macs"] and macs["nodes_without_shapes"] == 0
