@@ -33,6 +33,8 @@ from pneumoedge.runtime.bench import library_versions, machine_info  # noqa: E40
 
 SCHEMA = "pneumoedge.compare/1"
 NAMES = ("cnn3_gray150", "cnn4_gray256")
+#: Load averages seen before each measurement: a busy machine shows here (our own work adds about 1-2).
+LOAD_SEEN: list = []
 
 
 def _args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -82,6 +84,7 @@ def _images(folder: Path, s: dict[str, Any]) -> list[str]:
 
 def _worker(task: str, cfg: dict[str, Any], work: Path, env: Optional[dict] = None, timeout: int = 1800) -> dict[str, Any]:
     """Run one task in a fresh Python process; its JSON result, or {"error": ...}."""
+    LOAD_SEEN.append(_loadavg())
     config, out = work / f"{task}.{cfg.get('label', '')}.cfg.json", work / f"{task}.{cfg.get('label', '')}.out.json"
     config.write_text(json.dumps(cfg), encoding="utf-8")
     start = time.perf_counter()
@@ -169,6 +172,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         elapsed_s=time.perf_counter() - started,
     )
     r["load_average_end"] = _loadavg()
+    seen = [l[0] for l in LOAD_SEEN if l]
+    r["load_average_1min_max"] = max(seen) if seen else None
     return r
 
 

@@ -57,7 +57,8 @@ def _header(r: dict) -> str:
         "",
         f"- **Date**: {r['created']} (UTC); run took {r['elapsed_s']:.0f} s; mode: {'QUICK (reduced, not for quoting)' if s['quick'] else 'full'}",
         f"- **Command**: `{r['command']}`",
-        f"- **Conditions**: {busy or 'no note given'}; load average at start {r.get('load_average_start')}, at end {r.get('load_average_end')}",
+        f"- **Conditions**: {busy or 'no note given'}; load average (1, 5, 15 min) at start {r.get('load_average_start')}, at end {r.get('load_average_end')}, "
+        f"highest 1-min value seen between measurements {r.get('load_average_1min_max')} (this run's own work adds 1-2 on {m['logical_cores']} cores)",
         f"- **Machine**: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} logical cores, {m['os']}, Python {m['python']}",
         "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- **Images**: {s['images']} generated phantoms (synthetic, not patients) at {s['size'][0]}x{s['size'][1]} px (height x width ranges), "
