@@ -14,7 +14,8 @@ the int8 kernels' quantize/requantize overhead can outweigh the cheaper arithmet
 first recipe the search always tries `SPEED_RECIPES`; when none meets the tolerance it tries
 the other type pairs, reduce_range, other calibration methods, and
 finally keeps the most quantization-sensitive nodes in fp32 (found with onnxruntime's
-`qdq_loss_debug`), and keeps the FASTEST candidate that meets the tolerance. Every candidate
+`qdq_loss_debug`, applied to the closest recipe and to the speed recipes), and keeps the
+FASTEST candidate that meets the tolerance. Every candidate
 tried is reported. The final Sigmoid/Softmax always stays in float: quantizing a probability to
 256 steps would cost resolution exactly where the threshold lives.
 """
@@ -440,7 +441,12 @@ def quantize_int8(
                             break
                         if not nodes:
                             break
-                        if attempt(replace(base.recipe, name=f"{base.recipe.name}+fp32[{','.join(nodes)}]", exclude=tuple(nodes))).meets:
+                        # The same nodes kept in fp32 on the faster recipes too: the sensitive nodes
+                        # (typically the first convolutions) are what breaks them, and the fastest
+                        # passing candidate wins (measured: cnn3_gray150 1.78 ms vs 2.25 ms on u8u8).
+                        bases = [base.recipe] + [RECIPES[n] for n in SPEED_RECIPES if n != base.recipe.name]
+                        results = [attempt(replace(r, name=f"{r.name}+fp32[{','.join(nodes)}]", exclude=tuple(nodes))) for r in bases]
+                        if any(c.meets for c in results):
                             break
         usable = [c for c in tried if c.error is None]
         latencies = time_models([fp32, *(c.path for c in usable)], eval_tensors)
