@@ -183,3 +183,7 @@ def decode_costs(folder: Path, limit: int = 30, repeats: int = 5) -> dict[str, d
             total.append(best_total * 1000)
         costs[f"1/{reduction}"] = {"decode_ms": round(statistics.median(decode), 2), "decode_and_tensors_ms": round(statistics.median(total), 2)}
     return costs
+
+
+if __name__ == "__main__":
+    sys.exit(main())
