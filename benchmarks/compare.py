@@ -98,6 +98,7 @@ def _worker(task: str, cfg: dict[str, Any], work: Path, env: Optional[dict] = No
         return {"error": " | ".join(tail)}
     result = json.loads(out.read_text(encoding="utf-8"))
     result["wall_s"] = time.perf_counter() - start
+    result["ended_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")  # to line up with others' jobs on a shared machine
     print(f"  {task} {cfg.get('label', '')}: {result['wall_s']:.0f} s", file=sys.stderr)
     return result
 

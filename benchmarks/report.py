@@ -44,7 +44,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def render(r: dict[str, Any]) -> str:
     """The whole RESULTS.md."""
-    parts = [_header(r), _models(r), _targets(r), _end_to_end(r), _model_only(r), _cold(r), _installed(r), _compute(r),
+    parts = [_header(r), _headline(r), _models(r), _targets(r), _end_to_end(r), _model_only(r), _cold(r), _installed(r), _compute(r),
              _flatness(r), _speed_work(r), _agreement(r)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -70,6 +70,23 @@ def _header(r: dict) -> str:
         "TFLite use pneumoedge's preprocessing function (so only the model runtime differs); the founding way uses PIL as its projects did "
         "(`Image.open(...).convert('L').resize((w, h))` with PIL's default filter, then `/255`).",
     ])
+
+
+def _headline(r: dict) -> str:
+    ref = _ref_key(r)
+    tp = _throughput(r, ref)
+    best = max(((k, _throughput(r, k)) for k in r["runtimes"] if k.startswith("pneumoedge_") and _throughput(r, k)), key=lambda kv: kv[1], default=(None, None))
+    cold, keras_cold = _get(r, "cold_start", "pneumoedge_python_int8", "seconds_median"), _get(r, "cold_start", "keras_founding", "seconds_median")
+    size, tf_size = _get(r, "installed", "runtime", "total_mb"), _get(r, "installed", "with_tensorflow", "total_mb")
+    lines = ["## Headline", "",
+             f"- Default ensemble, int8, folder throughput {_f(tp)} images/s: **{_f(_ratio(tp, _throughput(r, 'founding')))}x** the founding way, "
+             f"**{_f(_ratio(tp, _throughput(r, 'keras')))}x** Keras `model(x)`, **{_f(_ratio(tp, _throughput(r, 'tflite_int8')), 2)}x** TFLite int8, "
+             f"**{_f(_ratio(tp, _throughput(r, 'tflite_fp32')), 2)}x** TFLite fp32."]
+    if best[0] and best[0] != ref:
+        lines.append(f"- The fastest pneumoedge configuration here was {_label(best[0])}: {_f(best[1])} images/s.")
+    lines.append(f"- Cold start to first result: pneumoedge {_f(cold, 2)} s vs Keras {_f(keras_cold, 2)} s (**{_f(_ratio(keras_cold, cold))}x**); "
+                 f"installed size {_f(size, 0)} MB vs {_f(tf_size, 0)} MB with TensorFlow (**{_f(_ratio(tf_size, size))}x** smaller).")
+    return "\n".join(lines)
 
 
 def _models(r: dict) -> str:
@@ -315,5 +332,5 @@ def _agreement(r: dict) -> str:
                     f"the bundle's: {mismatched or 'none'}), so Keras/TFLite and pneumoedge ran different weights: differences in this table "
                     "say nothing about export fidelity (the export's own parity check does). Latency is unaffected for fp32.")
     else:
-        rows.append("fp32 rows near 0 say the ONNX members are the Keras models; the founding row differs by its PIL resize; int8 rows show quantization's effect.")
+        rows.append("fp32 rows near 0 say the ONNX members are the Keras models; the founding row differs by its own preprocessing (PIL full-resolution decode and resize, where the bundle's spec may ask for a reduced decode and area resize); int8 rows show quantization's effect.")
     return "\n".join(rows)
