@@ -167,7 +167,9 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         machine=dict(machine_info(), cpu_flags=_simd_flags()),
         versions=_versions(),
         settings=s,
+        git_commit=_git_head(),
         bundle={"path": str(args.bundle), "name": manifest.get("name"), "default_precision": manifest.get("default_precision"),
+                "members": {m["file"]: m["sha256"][:12] for m in manifest["members"]},
                 "decode_reduction": sorted({m["spec"].get("decode_reduction", 1) for m in manifest["members"]})},
         keras_runs=checks,
         elapsed_s=time.perf_counter() - started,
@@ -176,6 +178,17 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     seen = [l[0] for l in LOAD_SEEN if l]
     r["load_average_1min_max"] = max(seen) if seen else None
     return r
+
+
+def _git_head() -> Optional[str]:
+    """The checkout's commit (and whether it had changes): which code and bundle these figures belong to."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pneumoedge", "models", "benchmarks"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + (" with uncommitted changes" if dirty else "")) or None
 
 
 def _simd_flags() -> list[str]:

@@ -93,7 +93,9 @@ def _models(r: dict) -> str:
     lines = ["## Models", ""]
     b = r["bundle"]
     lines.append(f"Bundle `{b['path']}` ({b['name']}), default precision {b['default_precision']}, "
-                 f"decode_reduction {b['decode_reduction']} (1 = full-resolution JPEG decode).")
+                 f"decode_reduction {b['decode_reduction']} (1 = full-resolution JPEG decode); checkout {r.get('git_commit') or 'not recorded'}.")
+    if b.get("members"):
+        lines.append("Member files (sha256 prefix): " + ", ".join(f"`{f}` {h}" for f, h in b["members"].items()) + ".")
     lines.append("")
     lines.append("| model | Keras source | same arch & input as the ONNX | MACs / image | parameters (Keras) |")
     lines.append("| --- | --- | --- | --- | --- |")
