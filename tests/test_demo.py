@@ -20,7 +20,7 @@ runner = CliRunner()
         (["train", "{tmp}", "--arch", "resnet9000", "--out", "{tmp}/r"], "unknown architecture"),
         (["evaluate", "{tmp}/nothing", "{tmp}"], ""),
         (["export", "{tmp}/their.keras", "--out", "{tmp}/b"], "--size"),
-        (["export", "{tmp}/their.keras", "--out", "{tmp}/b", "--size", "64", "--size", "64", "--dicom-voi", "auto"], "dicom_voi must be one of"),
+        (["export", "{tmp}/their.keras", "--out", "{tmp}/b", "--size", "64", "64", "--dicom-voi", "auto"], "dicom_voi must be one of"),
     ],
     ids=["train-missing-data", "train-unknown-arch", "evaluate-missing-model", "export-foreign-without-spec", "export-bad-dicom-voi"],
 )

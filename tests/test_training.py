@@ -200,7 +200,7 @@ def test_cli_foreign_export_keeps_full_decode(export_base: Path, tmp_path: Path)
 
     model = tiny_run(export_base).run_dir / "model.keras"
     out = tmp_path / "foreign"
-    result = CliRunner().invoke(app, ["export", str(model), "--out", str(out), "--size", "64", "--size", "64", "--labels", "NORMAL,PNEUMONIA",
+    result = CliRunner().invoke(app, ["export", str(model), "--out", str(out), "--size", "64", "64", "--labels", "NORMAL,PNEUMONIA",
                                       "--images", str(phantom_root(export_base) / "test" / "NORMAL")])
     assert result.exit_code == 0, result.output
     (member,) = read_manifest(out).members

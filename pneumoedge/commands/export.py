@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 from rich.console import Console
@@ -19,19 +19,19 @@ def export_command(
     models: Annotated[List[Path], typer.Argument(help="Run folders from `train` (one bundle, an ensemble when several), or ONE foreign .keras/.h5 file or SavedModel folder.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (or, for a foreign model, a single .onnx file).", show_default=False)],
     weights: Annotated[Optional[str], typer.Option(help="Ensemble weights, comma-separated, one per run (default equal).", show_default=False)] = None,
-    int8: Annotated[bool, typer.Option("--int8", help="Also write int8 members (static QDQ, per-channel), checked against fp32.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write int8 members (static quantization; the fastest recipe that meets the tolerance), checked against fp32.")] = False,
     calibration: Annotated[Optional[Path], typer.Option(help="Folder of images for int8 calibration (default: the runs' training images).", show_default=False)] = None,
     images: Annotated[Optional[Path], typer.Option(help="Folder of images for the parity check (default: validation images, or generated phantoms).", show_default=False)] = None,
     tolerance: Annotated[float, typer.Option(help="Largest accepted |p_keras - p_onnx|; export refuses beyond it.")] = 1e-4,
     int8_max_diff: Annotated[float, typer.Option(help="int8: largest accepted |p_int8 - p_fp32|.")] = 0.05,
     int8_min_agreement: Annotated[float, typer.Option(help="int8: smallest accepted share of labels equal to fp32's.")] = 0.98,
-    recipe: Annotated[str, typer.Option(help="First int8 recipe: u8s8, u8s8_reduce_range, u8u8, s8s8, u8s8_entropy, u8s8_percentile, u8u8_percentile.")] = "u8s8",
+    recipe: Annotated[str, typer.Option(help="First int8 recipe (see pneumoedge.export.quantization.RECIPES): u8s8 (QDQ per-channel), u8s8_reduce_range, u8s8_per_tensor, u8u8, s8s8, qop_u8s8_reduce_range, qop_u8s8_per_tensor, qop_u8u8_reduce_range, u8s8_entropy, u8s8_percentile, u8u8_percentile.")] = "u8s8",
     calibration_method: Annotated[Optional[str], typer.Option(help="Override the recipe's calibration: minmax, entropy or percentile.", show_default=False)] = None,
     no_search: Annotated[bool, typer.Option("--no-search", help="Do not try other int8 recipes when the first misses the tolerance.")] = False,
     strict_int8: Annotated[bool, typer.Option("--strict-int8", help="Fail when no int8 recipe meets the tolerance (default: keep fp32 as the default precision and warn).")] = False,
     threshold_method: Annotated[Optional[str], typer.Option(help="Ensemble threshold on validation: sensitivity:0.95, youden or fixed:X.", show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option(help="Bundle name (default: the folder name).", show_default=False)] = None,
-    size: Annotated[Optional[List[int]], typer.Option(help="Foreign model: input size, --size H W.", show_default=False)] = None,
+    size: Annotated[Optional[Tuple[int, int]], typer.Option(help="Foreign model: input size, --size H W.", show_default=False)] = None,
     color: Annotated[str, typer.Option(help="Foreign model: gray or rgb (gray files are expanded to RGB).")] = "gray",
     resize: Annotated[str, typer.Option(help="Foreign model: nearest (cv2), nearest_exact (PIL/Keras load_img nearest), bilinear (tf.image.resize / PIL bilinear upscaling), area, bicubic, lanczos. See docs/preprocessing.md.")] = "bilinear",
     scale: Annotated[str, typer.Option(help="Foreign model: multiply pixels (0..255) by this; a number or a fraction like 1/255.")] = "1/255",
@@ -74,7 +74,7 @@ def export_command(
         else:
             if len(models) != 1:
                 raise ExportError("a foreign model is exported one at a time; for an ensemble, export each and train runs")
-            if not size or len(size) != 2:
+            if not size:
                 raise ExportError(f"{models[0]} is not a pneumoedge run folder: declare its preprocessing, at least --size H W (see --help)")
             spec = PreprocessSpec(
                 height=size[0], width=size[1], color=color, resize=resize, scale=parse_scale(scale), offset=offset,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 from rich.console import Console
@@ -24,7 +24,7 @@ def train_command(
     task: Annotated[str, typer.Option(help="binary (NORMAL/PNEUMONIA, sigmoid) or multiclass (NORMAL/BACTERIAL/VIRAL, softmax).")] = "binary",
     epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping may end sooner).")] = 20,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
-    size: Annotated[Optional[List[int]], typer.Option(help="Input size override: --size H --size W.", show_default=False)] = None,
+    size: Annotated[Optional[Tuple[int, int]], typer.Option(help="Input size override: --size H W.", show_default=False)] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of train/ held out for validation, whole patients at a time.")] = 0.2,
     balance: Annotated[str, typer.Option(help="class_weight, resample (oversample minority classes) or none.")] = "class_weight",
     patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience (epochs without val_loss improvement).")] = 4,
@@ -41,8 +41,6 @@ def train_command(
     is re-split by patient into train/validation; the decision threshold is chosen on validation.
     """
     with export_errors():
-        if size is not None and len(size) != 2:
-            raise typer.BadParameter("--size takes two numbers: --size H --size W")
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from pneumoedge.export.training import train
