@@ -237,16 +237,14 @@ def _cold(r: dict) -> str:
 
 def _installed(r: dict) -> str:
     i = r.get("installed") or {}
-    rt, tf = i.get("runtime", {}), i.get("with_tensorflow", {})
-    return "\n".join([
-        "## Installed size", "",
-        "Sum of the files in each installed distribution's RECORD, over the dependency closure (pneumoedge itself: its package and bundled model).", "",
-        "| environment | MB | distributions | largest |", "| --- | --- | --- | --- |",
-        f"| runtime (`pip install pneumoedge`) | {_f(rt.get('total_mb'), 0)} | {rt.get('distributions')} | "
-        + ", ".join(f"{k} {v:.0f}" for k, v in (rt.get("largest") or {}).items()) + " |",
-        f"| runtime + TensorFlow | {_f(tf.get('total_mb'), 0)} | {tf.get('distributions')} | "
-        + ", ".join(f"{k} {v:.0f}" for k, v in (tf.get("largest") or {}).items()) + " |",
-    ])
+    rows = ["## Installed size", "",
+            "Sum of the files in each installed distribution's RECORD, over the dependency closure (pneumoedge itself: its package and bundled model).", "",
+            "| environment | MB | distributions | largest |", "| --- | --- | --- | --- |"]
+    for label, key in (("runtime (`pip install pneumoedge`)", "runtime"), ("runtime + TensorFlow", "with_tensorflow")):
+        env = i.get(key, {})
+        largest = ", ".join(f"{k} {v:.0f}" for k, v in (env.get("largest") or {}).items())
+        rows.append(f"| {label} | {_f(env.get('total_mb'), 0)} | {env.get('distributions')} | {largest} |")
+    return "\n".join(rows)
 
 
 def _compute(r: dict) -> str:
