@@ -135,3 +135,38 @@ def test_predict_many_reads_ahead_a_bounded_amount(bundle_dir: Path, image_folde
         next(stream)
         assert pulled - done <= batch * 3 + workers
     stream.close()
+
+
+def test_concurrent_runners_give_the_same_rows_in_order(bundle_dir: Path, image_folder: Path, tmp_path: Path) -> None:
+    """Batches run on several threads at once (threads=1 sessions) and still come back in input order."""
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    paths = [str(p) for p in sorted(image_folder.rglob("*.*"))] * 5
+    paths.insert(7, str(corrupt))
+    serial = list(pneumoedge.load(bundle_dir).predict_many(paths, batch_size=3, runners=1))
+    model = pneumoedge.load(bundle_dir, threads=1)
+    parallel = list(model.predict_many(paths, batch_size=3, runners=3))
+    assert [r.source for r in parallel] == paths
+    assert [r.status for r in parallel] == [r.status for r in serial]
+    assert parallel[7].status == "error"
+    for a, b in zip(serial, parallel):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+
+
+def test_concurrent_runners_read_ahead_a_bounded_amount(bundle_dir: Path, image_folder: Path) -> None:
+    model = pneumoedge.load(bundle_dir, threads=1)
+    paths = sorted(image_folder.rglob("*.*"))
+    pulled = 0
+
+    def endless():
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield paths[pulled % len(paths)]
+
+    batch, runners = 4, 3
+    stream = model.predict_many(endless(), batch_size=batch, workers=2, runners=runners)
+    for done in range(1, 120):
+        next(stream)
+        assert pulled - done <= batch * (runners + 2)
+    stream.close()

@@ -15,7 +15,6 @@ from pneumoedge.commands.options import (
     Device,
     Models,
     Precision,
-    Threads,
     model_arg,
     stderr,
     user_errors,
@@ -37,7 +36,14 @@ def infer(
     ] = None,
     device: Device = "cpu",
     precision: Precision = "default",
-    threads: Threads = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="onnxruntime threads per model run. With 1, each CPU core runs its own batch at once: "
+            "the fastest for folders on the 2-core machine measured in benchmarks/RESULTS.md.",
+        ),
+    ] = 1,
     batch: BatchSize = 8,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads. Default: min(8, CPUs).")] = None,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run: keep --out's finished rows, do the rest.")] = False,

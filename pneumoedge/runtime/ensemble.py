@@ -130,6 +130,7 @@ class Ensemble:
         threshold: Optional[float],
         threshold_method: str = "unspecified",
         manifest: Optional[Manifest] = None,
+        threads: Optional[int] = None,
     ) -> None:
         if not members:
             raise BundleError("an ensemble needs at least one member")
@@ -148,6 +149,8 @@ class Ensemble:
         self.threshold = threshold if first.task == "binary" else None
         self.threshold_method = threshold_method
         self.manifest = manifest
+        #: onnxruntime intra-op threads per session (None: one per core), as loaded.
+        self.threads = threads
         self._weights = np.array([m.weight for m in members], dtype=np.float64)
         self._weights /= self._weights.sum()
         self._decode_keys = sorted({m.card.spec.decode_key for m in members})
@@ -203,30 +206,46 @@ class Ensemble:
         return self.combine(name, probs[:, 0])
 
     def predict_many(
-        self, sources: Iterable[ImageSource], *, batch_size: int = 8, workers: Optional[int] = None
+        self,
+        sources: Iterable[ImageSource],
+        *,
+        batch_size: int = 8,
+        workers: Optional[int] = None,
+        runners: Optional[int] = None,
     ) -> Iterator[Prediction]:
         """Predict a stream of inputs in order, one Prediction each; unreadable ones get status "error".
 
-        Decoding and preprocessing run in a thread pool (OpenCV releases the GIL) ahead of
-        the model runs, with a bounded number of inputs in flight, so memory stays flat.
+        Decoding and preprocessing run in a pool of `workers` threads (OpenCV releases the GIL)
+        ahead of the model runs; batches of `batch_size` run on the models in `runners` threads
+        at once (onnxruntime releases the GIL too). At most `(runners + 2) * batch_size` inputs
+        are in flight, so memory stays flat on any folder size.
+
+        `runners` defaults to one per core divided by the sessions' intra-op threads: with
+        `threads=1`, each core runs its own batch, which beat one batch on all cores by 10-35%
+        for folders on a 2-core CPU (benchmarks/RESULTS.md); with the default threads, one.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        workers = workers or min(8, os.cpu_count() or 1)
-        window = batch_size * 2 + workers
+        cores = os.cpu_count() or 1
+        workers = workers or min(8, cores)
+        runners = runners or (1 if self.threads is None else max(1, cores // self.threads))
         iterator = iter(sources)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumoedge-decode") as pool:
-            pending: deque[tuple[str, Future]] = deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumoedge-decode") as decode, \
+                ThreadPoolExecutor(max_workers=runners, thread_name_prefix="pneumoedge-run") as run:
+            chunks: deque[Future] = deque()
 
             def refill() -> None:
-                for source in itertools.islice(iterator, window - len(pending)):
-                    pending.append((_name_of(source), pool.submit(self._prepare, source)))
+                while len(chunks) < runners + 1:
+                    chunk = [(_name_of(s), decode.submit(self._prepare, s)) for s in itertools.islice(iterator, batch_size)]
+                    if not chunk:
+                        return
+                    chunks.append(run.submit(lambda c=chunk: list(self._run_chunk(c))))
 
             refill()
-            while pending:
-                chunk = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
-                refill()  # keep the decoders busy while this chunk runs
-                yield from self._run_chunk(chunk)
+            while chunks:
+                done = chunks.popleft()
+                refill()  # keep decoders and runners busy while this batch is handed out
+                yield from done.result()
 
     def _prepare(self, source: ImageSource) -> list[np.ndarray]:
         return self.tensors(self.decode(source))
@@ -320,7 +339,7 @@ def load(
         threshold, method = found.pop(), "from the models' metadata"
     else:
         threshold, method = 0.5, "default 0.5 (the ONNX files carry no shared threshold)"
-    return Ensemble(members, threshold=threshold, threshold_method=method)
+    return Ensemble(members, threshold=threshold, threshold_method=method, threads=threads)
 
 
 def _renamed(member: LoadedMember, name: str) -> LoadedMember:
@@ -358,4 +377,6 @@ def _load_bundle(root: Path, device: str, precision: str, threads: Optional[int]
         member = LoadedMember(entry.name, entry.weight, entry.card, session, str(entry.path), entry.precision)
         _check_input_shape(member)
         members.append(member)
-    return Ensemble(members, threshold=manifest.threshold, threshold_method=manifest.threshold_method, manifest=manifest)
+    return Ensemble(
+        members, threshold=manifest.threshold, threshold_method=manifest.threshold_method, manifest=manifest, threads=threads
+    )
