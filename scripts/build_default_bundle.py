@@ -40,6 +40,11 @@ COUNTS = {
 #: Real chest X-rays are 1-2.5 Mpx: decode cost is part of the clinic's latency.
 IMAGE_SIZE = ((1024, 1600), (1024, 1600))
 DECODE_REDUCTION = 4
+DEFAULT_PRECISION_REASON = (
+    "fp32 runs by default: on a 2-core AVX2 CPU without VNNI, the int8 members were slower than fp32 "
+    "model-only and end to end at no accuracy gain (benchmarks/RESULTS.md); use --precision int8 where "
+    "int8 kernels are faster (CPUs with VNNI), after measuring with pneumoedge bench"
+)
 SEED = 20240
 
 
@@ -51,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-runs", action="store_true", help="Keep WORK's phantoms and finished runs (train only the missing ones), then export, quantize, evaluate and write the bundle again.")
     parser.add_argument("--decode-reduction", type=int, default=DECODE_REDUCTION, choices=(1, 2, 4, 8))
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument(
+        "--default-precision", choices=("fp32", "int8", "auto"), default="fp32",
+        help="Which members run by default. fp32: on the AVX2 CPU without VNNI measured in benchmarks/RESULTS.md, "
+        "int8 was slower than fp32 for these small CNNs, at no accuracy gain. auto: int8 when it met the tolerance.",
+    )
     parser.add_argument("--note", default=None, help="A line to record in the bundle's provenance (how this build differed).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -92,17 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     provenance = dict(manifest.provenance)
     provenance["metrics"] = {**provenance.get("metrics", {}), "test_synthetic": test_metrics}
     provenance["build_seconds"] = round(time.perf_counter() - started)
+    default_precision = manifest.default_precision if args.default_precision == "auto" else args.default_precision
+    provenance["default_precision_reason"] = DEFAULT_PRECISION_REASON if args.default_precision == "fp32" else f"--default-precision {args.default_precision}"
     if args.out.exists():
         shutil.rmtree(args.out)
     write_bundle(
         args.out,
         [MemberSource(m.path, m.name, m.card.spec, m.precision, m.weight, m.card.activation) for m in manifest.members],
         labels=manifest.labels, task=manifest.task, threshold=manifest.threshold, threshold_method=manifest.threshold_method,
-        provenance=provenance, name=manifest.name, default_precision=manifest.default_precision,
+        provenance=provenance, name=manifest.name, default_precision=default_precision,
     )
     (args.out / "manifest.json").chmod(0o644)
     total = sum(p.stat().st_size for p in args.out.iterdir())
-    print(json.dumps({"bundle": str(args.out), "bytes": total, "default_precision": manifest.default_precision, "threshold": manifest.threshold, "test": test_metrics}, indent=2))
+    print(json.dumps({"bundle": str(args.out), "bytes": total, "default_precision": default_precision, "threshold": manifest.threshold, "test": test_metrics}, indent=2))
     print(f"done in {time.perf_counter() - started:.0f} s; Keras models: " + ", ".join(str(r / "model.keras") for r in runs))
     return 0
 
