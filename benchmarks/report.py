@@ -91,7 +91,7 @@ def _headline(r: dict) -> str:
     cold, keras_cold = _get(r, "cold_start", "pneumoedge_python_int8", "seconds_median"), _get(r, "cold_start", "keras_founding", "seconds_median")
     size, tf_size = _get(r, "installed", "runtime", "total_mb"), _get(r, "installed", "with_tensorflow", "total_mb")
     lines = ["## Headline", "",
-             f"- Default ensemble, int8, folder throughput {_f(tp)} images/s: **{_f(_ratio(tp, _throughput(r, 'founding')))}x** the founding way, "
+             f"- Default bundle's two-member ensemble at int8 (the issue's target configuration), folder throughput {_f(tp)} images/s: **{_f(_ratio(tp, _throughput(r, 'founding')))}x** the founding way, "
              f"**{_f(_ratio(tp, _throughput(r, 'keras')))}x** Keras `model(x)`, **{_f(_ratio(tp, _throughput(r, 'tflite_int8')), 2)}x** TFLite int8, "
              f"**{_f(_ratio(tp, _throughput(r, 'tflite_fp32')), 2)}x** TFLite fp32."]
     if best[0] and best[0] != ref:
