@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -117,9 +118,12 @@ def test_cuda_without_cuda_provider_fails_clearly(bundle_dir: Path) -> None:
     assert pneumoedge.load(bundle_dir, device="auto").provider == "CPUExecutionProvider"
 
 
-def test_predict_many_reads_ahead_a_bounded_amount(bundle_dir: Path, image_folder: Path) -> None:
-    """Memory stays flat on huge folders: inputs are pulled lazily, a bounded window ahead."""
-    model = pneumoedge.load(bundle_dir)
+@pytest.mark.parametrize("threads, runners", [(None, None), (1, 3)], ids=["one-runner", "three-runners"])
+def test_predict_many_reads_ahead_a_bounded_amount(
+    bundle_dir: Path, image_folder: Path, threads: Optional[int], runners: Optional[int]
+) -> None:
+    """Memory stays flat on huge folders: inputs are pulled lazily, at most (runners + 2) batches ahead."""
+    model = pneumoedge.load(bundle_dir, threads=threads)
     paths = sorted(image_folder.rglob("*.*"))
     pulled = 0
 
@@ -129,11 +133,11 @@ def test_predict_many_reads_ahead_a_bounded_amount(bundle_dir: Path, image_folde
             pulled += 1
             yield paths[pulled % len(paths)]
 
-    batch, workers = 4, 2
-    stream = model.predict_many(endless(), batch_size=batch, workers=workers)
-    for done in range(1, 200):
+    batch = 4
+    stream = model.predict_many(endless(), batch_size=batch, workers=2, runners=runners)
+    for done in range(1, 150):
         next(stream)
-        assert pulled - done <= batch * 3 + workers
+        assert pulled - done <= batch * ((runners or 1) + 2)
     stream.close()
 
 
@@ -151,22 +155,3 @@ def test_concurrent_runners_give_the_same_rows_in_order(bundle_dir: Path, image_
     assert parallel[7].status == "error"
     for a, b in zip(serial, parallel):
         assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
-
-
-def test_concurrent_runners_read_ahead_a_bounded_amount(bundle_dir: Path, image_folder: Path) -> None:
-    model = pneumoedge.load(bundle_dir, threads=1)
-    paths = sorted(image_folder.rglob("*.*"))
-    pulled = 0
-
-    def endless():
-        nonlocal pulled
-        while True:
-            pulled += 1
-            yield paths[pulled % len(paths)]
-
-    batch, runners = 4, 3
-    stream = model.predict_many(endless(), batch_size=batch, workers=2, runners=runners)
-    for done in range(1, 120):
-        next(stream)
-        assert pulled - done <= batch * (runners + 2)
-    stream.close()
