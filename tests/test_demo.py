@@ -46,5 +46,5 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     report = json.loads((out / "demo_report.json").read_text())
     assert len(report["predictions"]) == 4 and all(p["status"] == "ok" for p in report["predictions"])
     assert (out / "evaluation" / "bundle_int8" / "evaluation_roc.png").is_file()
-    for word in ("time per step", "bundle", "examples"):
+    for word in ("time per step", "bundle", "examples", "NOT clinically validated", "never a diagnosis"):
         assert word in result.output

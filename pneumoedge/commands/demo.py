@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
 
+from pneumoedge.commands.options import CLINICAL_NOTE
 from pneumoedge.export.cli_support import export_errors
 
 
@@ -52,6 +53,7 @@ def demo_command(
         artefacts.add_row(name, path)
     console.print(artefacts)
     console.print(f"next: pneumoedge infer {result.artefacts['examples']} --model {result.artefacts['bundle']}")
+    console.print(f"{SYNTHETIC_NOTICE}. {CLINICAL_NOTE}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
