@@ -17,7 +17,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, Manifest, ModelCard, card_from_metadata, read_manifest
-from pneumoedge.imageio import ImageError, ImageSource
+from pneumoedge.imageio import ImageError, ImageSource, read_bytes
 from pneumoedge.preprocessing import read_for, to_tensor
 from pneumoedge.runtime.sessions import create_session
 
@@ -162,6 +162,8 @@ class Ensemble:
 
     def decode(self, source: ImageSource) -> dict[tuple[int, bool], np.ndarray]:
         """Decode a source once per distinct decode mode the members need (usually once)."""
+        if len(self._decode_keys) > 1 and isinstance(source, (str, Path)):
+            source = read_bytes(source)  # one read from disk, however many decode modes
         return {key: read_for(source, _spec_with_key(self, key)) for key in self._decode_keys}
 
     def tensors(self, decoded: dict[tuple[int, bool], np.ndarray]) -> list[np.ndarray]:
@@ -202,8 +204,7 @@ class Ensemble:
         """
         tensors = self.tensors(self.decode(source))
         probs = self.run_tensors([t[None] for t in tensors])
-        name = str(source) if isinstance(source, (str, Path)) else "<array>" if isinstance(source, np.ndarray) else "<bytes>"
-        return self.combine(name, probs[:, 0])
+        return self.combine(_name_of(source), probs[:, 0])
 
     def predict_many(
         self,
@@ -239,7 +240,7 @@ class Ensemble:
                     chunk = [(_name_of(s), decode.submit(self._prepare, s)) for s in itertools.islice(iterator, batch_size)]
                     if not chunk:
                         return
-                    chunks.append(run.submit(lambda c=chunk: list(self._run_chunk(c))))
+                    chunks.append(run.submit(self._run_chunk, chunk))
 
             refill()
             while chunks:
@@ -250,7 +251,7 @@ class Ensemble:
     def _prepare(self, source: ImageSource) -> list[np.ndarray]:
         return self.tensors(self.decode(source))
 
-    def _run_chunk(self, chunk: list[tuple[str, Future]]) -> Iterator[Prediction]:
+    def _run_chunk(self, chunk: list[tuple[str, Future]]) -> list[Prediction]:
         ready: list[tuple[int, list[np.ndarray]]] = []
         results: list[Optional[Prediction]] = [None] * len(chunk)
         for index, (name, future) in enumerate(chunk):
@@ -263,7 +264,7 @@ class Ensemble:
             probs = self.run_tensors(batches)
             for position, (index, _) in enumerate(ready):
                 results[index] = self.combine(chunk[index][0], probs[:, position])
-        yield from results  # type: ignore[misc]
+        return results  # type: ignore[return-value]
 
     def describe(self) -> dict[str, Any]:
         """What this ensemble is: members, specs, labels, threshold, providers."""
