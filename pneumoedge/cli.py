@@ -12,7 +12,7 @@ from pneumoedge import __version__
 
 #: Verb modules, in the order `--help` lists them. Training-side verbs import TensorFlow
 #: only inside their functions, so `--help`, `infer`, `info` and `bench` never load it.
-VERBS = ("infer", "info", "bench", "train", "evaluate", "export", "demo")
+VERBS = ("infer", "explain", "serve", "listen", "info", "tune", "bench", "bundle", "train", "evaluate", "export", "demo")
 
 app = typer.Typer(
     name="pneumoedge",

@@ -44,6 +44,13 @@ class Prediction:
     threshold: Optional[float] = None
     provider: Optional[str] = None
     error: str = ""
+    #: Out-of-distribution flag and score (None: the model carries no statistics to judge).
+    ood: Optional[bool] = None
+    ood_score: Optional[float] = None
+    #: Where the heatmap overlay of this image was written ("" when none was asked for).
+    overlay_path: str = ""
+    #: The heatmap, when predicted with `explain=True` (see `pneumoedge.explain`).
+    explanation: Optional[Any] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +63,9 @@ class Prediction:
             "disagreement": self.disagreement,
             "threshold": self.threshold,
             "provider": self.provider,
+            "ood": self.ood,
+            "ood_score": self.ood_score,
+            "overlay": self.overlay_path,
             "error": self.error,
         }
 

@@ -24,7 +24,7 @@ class OutputError(RuntimeError):
 def csv_columns(labels: Sequence[str], members: Sequence[str]) -> list[str]:
     columns = ["path", "status", "label", "probability"]
     columns += [f"p_{label}" for label in labels]
-    columns += ["disagreement", "threshold", "provider"]
+    columns += ["disagreement", "threshold", "provider", "ood", "ood_score", "overlay"]
     columns += [f"member.{member}.p_{label}" for member in members for label in labels]
     columns.append("error")
     return columns
@@ -38,6 +38,7 @@ def _csv_row(prediction: Prediction, labels: Sequence[str], members: Sequence[st
     row = [_one_line(prediction.source), prediction.status, prediction.label or "", fmt(prediction.probability)]
     row += [fmt(prediction.probabilities.get(label)) for label in labels]
     row += [fmt(prediction.disagreement), fmt(prediction.threshold), prediction.provider or ""]
+    row += ["" if prediction.ood is None else str(prediction.ood).lower(), fmt(prediction.ood_score), _one_line(prediction.overlay_path)]
     row += [fmt(prediction.member_probabilities.get(m, {}).get(label)) for m in members for label in labels]
     row.append(_one_line(prediction.error))
     return row
