@@ -37,13 +37,15 @@ class ModelCard:
 
     Binary models output either one column (probability, or logit, of `labels[1]`) or two.
     `activation` is applied by the runtime to the raw output ("none" when it already is a
-    probability).
+    probability). `explain`, when the graph carries them, names its extra outputs (see
+    `pneumoedge.explain`): {"heatmap_output", "features_output", "layer", "score", "method"}.
     """
 
     spec: PreprocessSpec
     labels: tuple[str, ...]
     task: str = "binary"
     activation: str = "none"
+    explain: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -55,14 +57,19 @@ class ModelCard:
             raise BundleError(f"labels must be two or more distinct names, got {list(self.labels)}")
         if self.task == "binary" and len(self.labels) != 2:
             raise BundleError(f"a binary task has exactly two labels, got {list(self.labels)}")
+        if self.explain is not None and not isinstance(self.explain, dict):
+            raise BundleError(f"explain must be an object naming the heatmap outputs, got {self.explain!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "spec": self.spec.to_dict(),
             "labels": list(self.labels),
             "task": self.task,
             "activation": self.activation,
         }
+        if self.explain:
+            data["explain"] = dict(self.explain)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
@@ -72,6 +79,7 @@ class ModelCard:
                 labels=tuple(data["labels"]),
                 task=data.get("task", "binary"),
                 activation=data.get("activation", "none"),
+                explain=data.get("explain"),
             )
         except KeyError as exc:
             raise BundleError(f"model description lacks the field {exc.args[0]!r}") from None
@@ -100,6 +108,7 @@ class Member:
             "weight": self.weight,
             "spec": self.card.spec.to_dict(),
             "activation": self.card.activation,
+            **({"explain": dict(self.card.explain)} if self.card.explain else {}),
         }
 
 
@@ -242,6 +251,7 @@ def _read_member(root: Path, raw: Any, labels: tuple[str, ...], task: str, where
             labels=labels,
             task=task,
             activation=raw.get("activation", "none"),
+            explain=raw.get("explain"),
         )
     except (SpecError, BundleError) as exc:
         raise BundleError(f"{where} ({file}): {exc}") from None
@@ -274,6 +284,7 @@ class MemberSource:
     precision: str = "fp32"
     weight: float = 1.0
     activation: str = "none"
+    explain: Optional[dict[str, Any]] = None
 
 
 def write_bundle(
@@ -297,7 +308,7 @@ def write_bundle(
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for member in members:
-        ModelCard(member.spec, tuple(labels), task, member.activation)  # validate early
+        ModelCard(member.spec, tuple(labels), task, member.activation, member.explain)  # validate early
         file = f"{member.name}.{member.precision}.onnx"
         target = out / file
         if Path(member.onnx_path).resolve() != target.resolve():
@@ -311,6 +322,7 @@ def write_bundle(
                 "weight": float(member.weight),
                 "spec": member.spec.to_dict(),
                 "activation": member.activation,
+                **({"explain": dict(member.explain)} if member.explain else {}),
             }
         )
     manifest = {
