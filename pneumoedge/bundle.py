@@ -98,6 +98,8 @@ class Member:
     weight: float
     card: ModelCard
     path: Path
+    #: Where the member came from (input bundle or file, its sha256); None in older manifests.
+    origin: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +111,7 @@ class Member:
             "spec": self.card.spec.to_dict(),
             "activation": self.card.activation,
             **({"explain": dict(self.card.explain)} if self.card.explain else {}),
+            **({"origin": dict(self.origin)} if self.origin is not None else {}),
         }
 
 
@@ -271,6 +274,7 @@ def _read_member(root: Path, raw: Any, labels: tuple[str, ...], task: str, where
         weight=float(weight),
         card=card,
         path=path,
+        origin=raw["origin"] if isinstance(raw.get("origin"), dict) else None,
     )
 
 
@@ -285,6 +289,8 @@ class MemberSource:
     weight: float = 1.0
     activation: str = "none"
     explain: Optional[dict[str, Any]] = None
+    #: Recorded as the member's "origin" in the manifest (where it came from, its sha256).
+    origin: Optional[dict[str, Any]] = None
 
 
 def write_bundle(
@@ -323,6 +329,7 @@ def write_bundle(
                 "spec": member.spec.to_dict(),
                 "activation": member.activation,
                 **({"explain": dict(member.explain)} if member.explain else {}),
+                **({"origin": dict(member.origin)} if member.origin is not None else {}),
             }
         )
     manifest = {
