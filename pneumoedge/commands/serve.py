@@ -1,0 +1,125 @@
+"""`pneumoedge serve`: the model behind a local web page and a JSON API (needs the [serve] extra)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from pneumoedge.commands.options import CLINICAL_NOTE, Device, Models, Precision, UserError, model_arg, stderr, user_errors
+
+
+def serve(
+    model: Models = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback needs --token or --insecure-no-auth.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port, printed at start).")] = 8000,
+    token: Annotated[
+        Optional[str],
+        typer.Option(
+            envvar="PNEUMOEDGE_SERVE_TOKEN",
+            help="Require this bearer token on the page and every API call (browsers: any user name, the token "
+            "as password). Prefer the environment variable: command lines are visible to other users.",
+            show_default=False,
+        ),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Listen on a non-loopback address WITHOUT authentication.")
+    ] = False,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body, in MB; larger ones get 413 while uploading.")] = 64.0,
+    queue: Annotated[int, typer.Option(min=1, help="Requests admitted at once (uploading, waiting or running); more get 503.")] = 32,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Threads running the model. Default: one per CPU core.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model run (as infer's --threads).")] = 1,
+    keep_uploads: Annotated[
+        Optional[Path],
+        typer.Option(help="Also write every upload to this folder as REQUESTID-N.KIND. Default: uploads stay in memory only."),
+    ] = None,
+    device: Device = "cpu",
+    precision: Precision = "default",
+) -> None:
+    """Serve the model: a page at http://HOST:PORT/ to drop images on, and a JSON API.
+
+    POST /api/v1/predict (multipart files, or one image body with its Content-Type), GET /api/v1/model,
+    GET /healthz, GET /readyz, schema at /api/v1/openapi.json. Results are the rows of `infer`.
+    Logs hold request ids, sizes, timings and statuses, never file names. Stop with Ctrl-C.
+    """
+    with user_errors():
+        try:
+            import uvicorn
+
+            from pneumoedge.serve import ServeSettings, create_app
+            from pneumoedge.serve.settings import is_loopback
+        except ModuleNotFoundError as exc:
+            raise UserError(f"serve needs the [serve] extra ({exc.name} is missing): pip install \"pneumoedge[serve]\"") from None
+        secured = token is not None
+        if not is_loopback(host) and not secured and not insecure_no_auth:
+            raise UserError(f"--host {host} is reachable from other computers: give --token (or PNEUMOEDGE_SERVE_TOKEN), or --insecure-no-auth")
+        if keep_uploads is not None and not keep_uploads.is_dir():
+            raise UserError(f"--keep-uploads {keep_uploads}: no such folder")
+        try:
+            settings = ServeSettings(
+                max_upload_bytes=int(max_upload_mb * 2**20),
+                queue_limit=queue,
+                inference_threads=workers,
+                token=token,
+                keep_uploads=keep_uploads,
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        ensemble = load_model(model_arg(model), device.lower(), precision, threads)
+        listener = _bind(host, port)
+    if not is_loopback(host) and not secured:
+        stderr.print(f"[bold red]warning:[/] serving on {host} WITHOUT authentication: anyone who can reach it can upload images")
+    _configure_logging()
+    bound_host, bound_port = listener.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    stderr.print(f"pneumoedge serve: http://{shown}:{bound_port}/ (model {ensemble.manifest.name if ensemble.manifest else 'ONNX files'}); Ctrl-C stops", highlight=False, soft_wrap=True)
+    stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
+    config = uvicorn.Config(
+        create_app(ensemble, settings),
+        log_config=None,  # our handlers; uvicorn's access log would record query strings
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def load_model(model, device: str, precision: str, threads: int):
+    """Load once, at start: the same loader and errors as `infer`."""
+    from pneumoedge.runtime.ensemble import load
+
+    return load(model, device=device, precision=precision, threads=threads)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    listener.listen(128)
+    listener.set_inheritable(True)
+    return listener
+
+
+def _configure_logging() -> None:
+    """Request lines (ids, sizes, timings, statuses) to standard error at INFO, whatever --verbose says."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("pneumoedge.serve", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

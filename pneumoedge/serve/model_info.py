@@ -1,0 +1,43 @@
+"""What the page and `GET /api/v1/model` say about the loaded model (what `pneumoedge info` shows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pneumoedge.bundle import sha256_file
+from pneumoedge.runtime.ensemble import Ensemble
+
+NOTICE = "Decision support, not a diagnosis."
+SYNTHETIC_NOTICE = "Trained on synthetic phantoms: a demonstration, not clinically validated."
+
+
+def describe_model(ensemble: Ensemble) -> dict[str, Any]:
+    """`Ensemble.describe()` plus the bundle's name, provenance and each member's sha256."""
+    described = ensemble.describe()
+    manifest = ensemble.manifest
+    recorded = {str(entry.path): entry.sha256 for entry in manifest.members} if manifest is not None else {}
+    for member in described["members"]:
+        # A bundle's checksums were verified at load; bare ONNX files are hashed here, once.
+        member["sha256"] = recorded.get(member["source"]) or sha256_file(member["source"])
+    if manifest is not None:
+        described["bundle"] = str(manifest.root)
+        described["name"] = manifest.name
+        described["precisions"] = list(manifest.precisions)
+        described["default_precision"] = manifest.default_precision
+        described["provenance"] = manifest.provenance
+    else:
+        described["name"] = "+".join(m["name"] for m in described["members"])
+        described["provenance"] = {}
+    provenance = described["provenance"] or {}
+    described["synthetic"] = bool(provenance.get("synthetic"))
+    if described["synthetic"]:
+        described["provenance_summary"] = SYNTHETIC_NOTICE
+    elif provenance:
+        described["provenance_summary"] = str(provenance.get("notice") or provenance.get("created_by") or "recorded in the bundle")
+    else:
+        described["provenance_summary"] = "no provenance recorded (bare ONNX files): ask who trained this model on what data"
+    # The explain API may be missing in older runtimes: then heatmaps are simply unavailable.
+    described["can_explain"] = bool(getattr(ensemble, "can_explain", False))
+    described["explain_note"] = str(getattr(ensemble, "explain_note", "") or ("" if described["can_explain"] else "this model has no heatmap output"))
+    described["notice"] = NOTICE
+    return described

@@ -1,0 +1,176 @@
+"""Request bodies to in-memory uploads: size limit enforced while streaming, multipart by python-multipart.
+
+Starlette's own form parsing spools files over 1 MB to temporary files on disk; uploads here
+must never touch the disk (they are patients' images), so the body is fed chunk by chunk to
+python-multipart's streaming parser and each file is collected in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Optional
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from pneumoedge.formats import ImageError, sniff
+from pneumoedge.serve.limits import HTTPProblem
+from pneumoedge.serve.settings import ServeSettings
+
+#: Content types accepted for a raw (non-multipart) body; the content itself decides the format.
+RAW_TYPES = frozenset(
+    {"image/jpeg", "image/png", "image/bmp", "image/tiff", "application/dicom", "application/octet-stream"}
+)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file. `name` is the client's file name: returned to it, never logged."""
+
+    name: str
+    data: bytes
+
+
+async def read_uploads(request: Request, settings: ServeSettings) -> list[Upload]:
+    """The files of a predict request: multipart (one or many) or one raw body with its type."""
+    mime, params = parse_options_header(request.headers.get("content-type", ""))
+    mime_text = mime.decode("latin-1").lower()
+    if mime_text == "multipart/form-data":
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise HTTPProblem(400, "malformed multipart request: the Content-Type has no boundary")
+        return await _read_multipart(request, boundary, settings)
+    if mime_text in RAW_TYPES:
+        data = b"".join([chunk async for chunk in body_chunks(request, settings)])
+        return [Upload(_basename(request.query_params.get("filename", "")) or "upload", data)]
+    shown = mime_text or "none"
+    raise HTTPProblem(
+        415,
+        f"unsupported Content-Type {shown!r}: send multipart/form-data with file fields, or one image "
+        f"as the body with Content-Type one of {', '.join(sorted(RAW_TYPES))}",
+    )
+
+
+async def body_chunks(request: Request, settings: ServeSettings) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive; 413 as soon as it passes the limit, 408 on a stalled client."""
+    limit = settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise HTTPProblem(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise HTTPProblem(413, _too_large(limit, f"declares {int(declared):,} bytes"))
+    received = 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), settings.body_timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise HTTPProblem(408, f"the upload stalled: nothing received for {settings.body_timeout_s:g} s") from None
+        received += len(chunk)
+        if received > limit:
+            raise HTTPProblem(413, _too_large(limit, f"passed {limit:,} bytes while uploading"))
+        if chunk:
+            yield chunk
+
+
+def _too_large(limit: int, what: str) -> str:
+    return f"request too large: the body {what}; the limit is {limit / 2**20:g} MB (serve --max-upload-mb)"
+
+
+class _Collector:
+    """python-multipart callbacks that keep file parts in memory."""
+
+    def __init__(self, max_files: int) -> None:
+        self.max_files = max_files
+        self.files: list[Upload] = []
+        self.ended = False
+        self._headers: dict[bytes, bytes] = {}
+        self._field = b""
+        self._value = b""
+        self._name: Optional[str] = None
+        self._data = bytearray()
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._add("_field", d[s:e]),
+            "on_header_value": lambda d, s, e: self._add("_value", d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _add(self, attr: str, data: bytes) -> None:
+        setattr(self, attr, getattr(self, attr) + data)
+
+    def _part_begin(self) -> None:
+        self._headers, self._name, self._data = {}, None, bytearray()
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        filename = options.get(b"filename")
+        if filename is None:
+            return  # a plain form field, not a file: ignored
+        if len(self.files) >= self.max_files:
+            raise HTTPProblem(413, f"too many files in one request (the limit is {self.max_files})")
+        self._name = _basename(filename.decode("utf-8", "replace")) or f"file {len(self.files) + 1}"
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._name is not None:
+            self._data += data[start:end]
+
+    def _part_end(self) -> None:
+        if self._name is not None:
+            self.files.append(Upload(self._name, bytes(self._data)))
+        self._name, self._data = None, bytearray()
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+async def _read_multipart(request: Request, boundary: bytes, settings: ServeSettings) -> list[Upload]:
+    collector = _Collector(settings.max_files)
+    parser = MultipartParser(boundary, collector.callbacks())
+    try:
+        async for chunk in body_chunks(request, settings):
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise HTTPProblem(400, f"malformed multipart request: {exc}") from None
+    if not collector.ended:
+        raise HTTPProblem(400, "malformed multipart request: the body ended before its closing boundary")
+    if not collector.files:
+        raise HTTPProblem(422, "no file in the request: send each image as a multipart file field (e.g. curl -F file=@image.jpeg)")
+    return collector.files
+
+
+def _basename(name: str) -> str:
+    """The last component of a client's file name (browsers on Windows may send a full path)."""
+    return name.replace("\\", "/").rsplit("/", 1)[-1].strip()[:255]
+
+
+def keep(uploads: list[Upload], folder: Path, request_id: str) -> list[Path]:
+    """Write uploads to `folder` as REQUESTID-N.KIND (never the client's name: it may identify a patient)."""
+    written = []
+    for index, upload in enumerate(uploads, 1):
+        try:
+            kind = sniff(upload.data[:1024] if len(upload.data) > 1024 else upload.data)
+        except ImageError:
+            kind = "bin"
+        path = folder / f"{request_id}-{index}.{'jpeg' if kind == 'jpeg' else kind}"
+        with open(path, "xb") as handle:
+            handle.write(upload.data)
+        written.append(path)
+    return written
