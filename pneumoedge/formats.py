@@ -231,6 +231,33 @@ def _jpeg(data: bytes) -> Header:
     return Header("jpeg", *size)
 
 
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of a JPEG's first Exif APP1 segment; 1 when there is none.
+
+    Read as OpenCV reads it (IFD0 tag 0x0112), so the decoder can tell when a file needs the
+    rotation OpenCV applies. Damaged Exif counts as no orientation, as in OpenCV.
+    """
+    pos = 2
+    try:
+        while pos + 4 <= len(data) and data[pos] == 0xFF:
+            marker, length = data[pos + 1], struct.unpack_from(">H", data, pos + 2)[0]
+            if marker == 0xDA:
+                return 1
+            if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+                tiff = data[pos + 10 : pos + 2 + length]
+                read = _Reader(tiff, "Exif", little=tiff[:2] == b"II")
+                ifd = read.u32(4)
+                for i in range(min(read.u16(ifd), 512)):
+                    if read.u16(ifd + 2 + 12 * i) == 0x0112:
+                        value = read.u16(ifd + 2 + 12 * i + 8)
+                        return value if 1 <= value <= 8 else 1
+                return 1
+            pos += 2 + length
+    except (ImageError, struct.error):
+        return 1
+    return 1
+
+
 def _bmp(data: bytes) -> Header:
     read = _Reader(data, "BMP", little=True)
     pixel_offset, dib_size = read.u32(10), read.u32(14)

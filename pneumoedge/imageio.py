@@ -3,25 +3,35 @@
 Every input is recognised by its content (`pneumoedge.formats`) before it is decoded: its
 format, declared size (decompression bombs are refused before anything is allocated) and
 completeness (a truncated file is refused, never decoded into grey). DICOM goes to
-`pneumoedge.dicom`, the rest to OpenCV. EXIF orientation is applied, as a viewer shows the
-image, in every decode path (full and reduced JPEG decodes alike). docs/inputs.md has the
+`pneumoedge.dicom`, JPEG to libjpeg-turbo through simplejpeg (which refuses corrupt entropy-coded
+data that OpenCV would decode with only a warning, with OpenCV's pixels), the rest to OpenCV.
+EXIF orientation is applied, as a viewer shows the image, in every decode path (full and
+reduced JPEG decodes alike). docs/inputs.md has the
 policies and every reason a file can be refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
+import logging
 import os
 import stat
+import sys
+import threading
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Optional, Union
 
 import cv2
 import numpy as np
 
-from pneumoedge.formats import ImageError, inspect
+from pneumoedge.formats import ImageError, inspect, jpeg_orientation
 
-__all__ = ["IMAGE_SUFFIXES", "DICOM_SUFFIXES", "ImageError", "ImageSource", "read_bytes", "decode_bytes", "read_pixels", "max_image_pixels"]
+__all__ = [
+    "IMAGE_SUFFIXES", "DICOM_SUFFIXES", "ImageError", "ImageSource", "read_bytes", "decode_bytes", "read_pixels",
+    "max_image_pixels", "decoder_messages_to_log",
+]
 
 ImageSource = Union[str, Path, bytes, np.ndarray]
 
@@ -124,6 +134,10 @@ def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False, dicom_v
         from pneumoedge.dicom import decode_dicom
 
         return decode_dicom(data, max_pixels=limit, voi=dicom_voi)
+    if header.kind == "jpeg":
+        pixels = _decode_jpeg_checked(data, reduction, gray)
+        if pixels is not None:
+            return pixels
     if reduction > 1 and header.kind == "jpeg":
         flags = (_REDUCED_GRAY if gray else _REDUCED_COLOR)[reduction]
     elif header.png_color_type == 4:
@@ -137,6 +151,59 @@ def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False, dicom_v
     if pixels is None or pixels.size == 0:
         raise ImageError(f"corrupt {header.kind.upper()} image: the decoder could not read its data")
     return _normalise_layout(pixels)
+
+
+#: libjpeg warnings about headers that leave every pixel intact: decoded as before. Every other
+#: warning ("Corrupt JPEG data: ...", "Premature end of JPEG file") means entropy-coded data
+#: that libjpeg filled in or decoded out of step; those files are refused. "N extraneous bytes
+#: before marker" is among them: junk appended after a scan and a scan decoded out of step
+#: (damaged bytes) give the same message, and only the second was seen in tests.
+_HARMLESS_JPEG_WARNINGS = (
+    "unknown jfif revision",
+    "invalid sos parameters for sequential jpeg",
+    "unsupported marker type",
+)
+
+
+def _decode_jpeg_checked(data: bytes, reduction: int, gray: bool) -> Optional[np.ndarray]:
+    """Decode a JPEG with libjpeg-turbo (simplejpeg), refusing data that libjpeg warns is corrupt.
+
+    OpenCV decodes damaged entropy-coded data with only a warning on stderr and returns
+    smeared pixels; simplejpeg raises on that warning. Its pixels are those of OpenCV's
+    flags here (same libjpeg-turbo algorithms: islow IDCT, fancy upsampling, DCT scaling),
+    which tests/test_jpeg_integrity.py proves. Files that need what only OpenCV does (EXIF
+    rotation, CMYK) are checked the same way at 1/8 scale and return None: OpenCV decodes them.
+    """
+    import simplejpeg  # a small wheel bundling libjpeg-turbo; imported here, not at import time
+
+    try:
+        height, width, space, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None  # not a JPEG libjpeg-turbo's header reader takes (12-bit, odd markers): OpenCV's
+    needs_opencv = space in ("CMYK", "YCCK") or jpeg_orientation(data) != 1
+    if needs_opencv:
+        colorspace, factor = ("CMYK" if space in ("CMYK", "YCCK") else "GRAY"), 8
+    else:
+        colorspace = "GRAY" if (gray and reduction > 1) or (reduction == 1 and space == "Gray") else "RGB"
+        factor = reduction
+    # libjpeg's 1/r scaled size is ceil(size / r); asking for at least that picks exactly 1/r.
+    size = {"min_height": -(-height // factor), "min_width": -(-width // factor)} if factor > 1 else {}
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True, **size)
+    except ValueError as strict_error:
+        try:
+            pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=False, **size)
+        except ValueError:
+            return None  # an error, not a warning: OpenCV's decode gives the verdict and message
+        message = str(strict_error).strip()
+        if not any(harmless in message.lower() for harmless in _HARMLESS_JPEG_WARNINGS):
+            raise ImageError(
+                f"corrupt JPEG image data ({message}): part of the image would be filled in by the "
+                "decoder; export or copy the image again"
+            ) from None
+    if needs_opencv:
+        return None
+    return pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
 
 
 def _normalise_layout(pixels: np.ndarray) -> np.ndarray:
@@ -165,3 +232,55 @@ def read_pixels(source: ImageSource, *, reduction: int = 1, gray: bool = False, 
         return source
     data = source if isinstance(source, bytes) else read_bytes(source)
     return decode_bytes(data, reduction=reduction, gray=gray, dicom_voi=dicom_voi)
+
+
+@contextlib.contextmanager
+def decoder_messages_to_log() -> Iterator[None]:
+    """Keep what C libraries print on file descriptor 2 (libpng, libjpeg inside OpenCV) off the terminal.
+
+    Their lines ("libpng warning: tEXt: CRC error") would land between pneumoedge's own output;
+    the verdict on each file is already in its result row. For a command's whole run, fd 2 goes
+    to a pipe whose lines are shown only with --verbose (prefixed "decoder:"), while Python's
+    `sys.stderr` (progress, summary, logging) keeps the terminal. Process-wide, so it is
+    thread-safe for the decode pool by construction; a no-op when stderr is not fd 2 (tests).
+    """
+    try:
+        if sys.stderr is None or sys.stderr.fileno() != 2:
+            raise OSError
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    old_stream = sys.stderr
+    old_stream.flush()
+    terminal = os.dup(2)
+    read_end, write_end = os.pipe()
+    new_stream = io.TextIOWrapper(
+        io.FileIO(os.dup(terminal), "w"), encoding=old_stream.encoding, errors="backslashreplace", line_buffering=True
+    )
+    handlers = [h for h in logging.root.handlers if isinstance(h, logging.StreamHandler) and h.stream is old_stream]
+    verbose = logging.getLogger("pneumoedge").isEnabledFor(logging.INFO)
+
+    def relay() -> None:
+        with io.FileIO(read_end, "r") as pipe:
+            for line in io.BufferedReader(pipe):
+                if verbose:
+                    os.write(terminal, b"decoder: " + line)
+
+    reader = threading.Thread(target=relay, name="pneumoedge-decoder-messages", daemon=True)
+    reader.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = new_stream
+    for handler in handlers:
+        handler.setStream(new_stream)
+    try:
+        yield
+    finally:
+        new_stream.flush()
+        os.dup2(terminal, 2)  # closes the pipe's last write end: the relay ends
+        reader.join(timeout=2)
+        sys.stderr = old_stream
+        for handler in handlers:
+            handler.setStream(old_stream)
+        new_stream.close()
+        os.close(terminal)

@@ -19,6 +19,7 @@ from pneumoedge.commands.options import (
     stderr,
     user_errors,
 )
+from pneumoedge.imageio import decoder_messages_to_log
 from pneumoedge.runtime.ensemble import load
 from pneumoedge.runtime.folder import RunSummary, run_folder
 from pneumoedge.runtime.results import FORMATS, OutputError, ResultWriter
@@ -61,7 +62,7 @@ def infer(
     Exit codes: 0 all images succeeded; 1 some inputs failed (see rows with status error);
     2 usage or model error (nothing run); 3 no image files found.
     """
-    with user_errors():
+    with user_errors(), decoder_messages_to_log():  # libjpeg/libpng lines never mix into the output
         fmt = _choose_format(fmt, out)
         if resume and out is None:
             raise OutputError("--resume needs --out (the file to finish)")
