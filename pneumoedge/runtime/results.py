@@ -55,18 +55,20 @@ class ResultWriter:
     so `--resume` can trust every line it reads back.
     """
 
-    def __init__(self, fmt: str, labels: Sequence[str], members: Sequence[str]) -> None:
+    def __init__(self, fmt: str, labels: Sequence[str], members: Sequence[str], extra_columns: Sequence[str] = ()) -> None:
         if fmt not in FORMATS:
             raise OutputError(f"format must be one of {FORMATS}, got {fmt!r}")
         self.fmt = fmt
         self.labels = list(labels)
         self.members = list(members)
+        #: Columns after infer's (e.g. the DICOM node's UIDs); `write(..., extra=)` fills them.
+        self.extra_columns = list(extra_columns)
         self._fd: Optional[int] = None
         self._stream: Optional[Any] = None
 
     @property
     def header(self) -> Optional[str]:
-        return _csv_line(csv_columns(self.labels, self.members)) if self.fmt == "csv" else None
+        return _csv_line(csv_columns(self.labels, self.members) + self.extra_columns) if self.fmt == "csv" else None
 
     def open(self, path: Optional[Path], *, overwrite: bool = False, resume: bool = False) -> set[str]:
         """Open the output; return the paths already finished (with `resume`)."""
@@ -123,11 +125,13 @@ class ResultWriter:
         os.replace(tmp, path)
         return done
 
-    def write(self, prediction: Prediction) -> None:
+    def write(self, prediction: Prediction, extra: Optional[dict[str, Any]] = None) -> None:
+        values = [(column, (extra or {}).get(column, "")) for column in self.extra_columns]
         if self.fmt == "csv":
-            self._write(_csv_line(_csv_row(prediction, self.labels, self.members)))
+            row = _csv_row(prediction, self.labels, self.members) + [_one_line(str(value)) for _, value in values]
+            self._write(_csv_line(row))
         else:
-            self._write(json.dumps(prediction.to_dict(), ensure_ascii=False) + "\n")
+            self._write(json.dumps({**prediction.to_dict(), **dict(values)}, ensure_ascii=False) + "\n")
 
     def _write(self, line: str) -> None:
         if self._stream is not None:

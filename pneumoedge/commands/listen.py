@@ -1,0 +1,223 @@
+"""`pneumoedge listen` (a DICOM node) and `pneumoedge send-results` (re-send what a PACS missed)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from pneumoedge.commands.options import (
+    CLINICAL_NOTE,
+    Device,
+    Models,
+    Precision,
+    UserError,
+    model_arg,
+    stderr,
+    user_errors,
+)
+
+_INSTALL = "the DICOM node needs the pacs extra: pip install 'pneumoedge[pacs]'"
+
+SendTo = Annotated[
+    Optional[str],
+    typer.Option("--send-to", help="Where results go: AET@host:port of the PACS, e.g. ORTHANC@127.0.0.1:4242.", show_default=False),
+]
+Aet = Annotated[str, typer.Option("--aet", help="This node's AE title (also the calling AE title when sending).")]
+
+
+def _require_pacs() -> None:
+    try:
+        import highdicom  # noqa: F401
+        import pynetdicom  # noqa: F401
+    except ImportError:
+        raise UserError(_INSTALL) from None
+
+
+def _destination(text: Optional[str]):
+    from pneumoedge.pacs.send import parse_destination
+
+    if text is None:
+        return None
+    try:
+        return parse_destination(text)
+    except ValueError as exc:
+        raise UserError(f"--send-to: {exc}") from None
+
+
+def _check_aet(aet: str) -> str:
+    aet = aet.strip()
+    if not aet or len(aet) > 16 or "\\" in aet or not aet.isprintable():
+        raise UserError(f"--aet {aet!r}: an AE title is 1 to 16 printable characters without a backslash")
+    return aet
+
+
+def _setup_logging(verbose_dicom: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    pacs_log = logging.getLogger("pneumoedge.pacs")
+    pacs_log.handlers[:] = [handler]
+    pacs_log.setLevel(logging.INFO)
+    pacs_log.propagate = False
+    logging.getLogger("pynetdicom").setLevel(logging.INFO if verbose_dicom else logging.CRITICAL)
+
+
+def listen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results folder: results file, spool, outbox (created).")],
+    aet: Aet = "PNEUMOEDGE",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="DICOM port to listen on.")] = 11112,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; 127.0.0.1: this computer only).")] = "0.0.0.0",
+    allow: Annotated[
+        Optional[str], typer.Option(help="Accept associations only from these calling AE titles (AET[,AET]). Default: any.")
+    ] = None,
+    send_to: SendTo = None,
+    heatmaps: Annotated[
+        bool, typer.Option(help="Also send a Secondary Capture of the heatmap overlay (when the model can explain).")
+    ] = False,
+    model: Models = None,
+    device: Device = "cpu",
+    precision: Precision = "default",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads per model run. Default: every core.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Results file format: jsonl or csv.")] = "jsonl",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Most instances classified in one model run.")] = 8,
+    retry_max: Annotated[float, typer.Option(min=0.1, help="Longest pause (s) between attempts to reach --send-to.")] = 60.0,
+    check: Annotated[
+        bool, typer.Option("--check", help="Check the setup (model, folder, port, C-ECHO to --send-to), say what is wrong, exit.")
+    ] = False,
+    verbose_dicom: Annotated[bool, typer.Option(help="Log pynetdicom's association details.")] = False,
+) -> None:
+    """Run a DICOM node: receive chest X-rays (CR, DX) from a PACS, classify them, send results back.
+
+    Each received instance is written to OUT/spool (fsynced) before it is acknowledged, then
+    classified exactly as `infer` does; one row per SOP Instance UID goes to OUT/results.jsonl
+    (infer's columns plus the UIDs and calling AE title). Non-chest instances get a `skipped`
+    row. For each classified image a Structured Report (finding, probabilities, threshold, model
+    identity, "decision support, not a diagnosis") goes to OUT/outbox and, with --send-to, into
+    the source study; with --heatmaps also the overlay. Results the PACS cannot take now are kept
+    and retried. The same instance sent twice gives one row and one SR. Stop with Ctrl-C or
+    SIGTERM (the current batch is finished; a summary is printed).
+    """
+    with user_errors():
+        _require_pacs()
+        from pneumoedge.pacs.node import Node, NodeConfig
+        from pneumoedge.pacs.send import SendError, echo
+        from pneumoedge.runtime.ensemble import load
+
+        aet = _check_aet(aet)
+        destination = _destination(send_to)
+        fmt = fmt.lower()
+        if fmt not in ("jsonl", "csv"):
+            raise UserError(f"--format must be jsonl or csv, got {fmt!r}")
+        allowed = [a.strip() for a in (allow or "").split(",") if a.strip()]
+        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads=threads)
+        config = NodeConfig(
+            out=out, aet=aet, host=host, port=port, fmt=fmt, allow=allowed, send_to=destination,
+            heatmaps=heatmaps, retry_max=retry_max, batch_size=batch,
+        )
+        if check:
+            _run_check(config, echo, SendError)
+            return
+        _setup_logging(verbose_dicom)
+        node = Node(ensemble, config)
+        try:
+            node.start()
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame) -> None:
+        logging.getLogger("pneumoedge.pacs").info("%s received: finishing the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_signal)
+    stderr.print(f"listening as {aet} on {host}:{port}; results in {out}. Ctrl-C or SIGTERM stops. {CLINICAL_NOTE}", highlight=False)
+    while not stop.wait(0.5):
+        pass
+    node.stop()
+    _print_summary(node.summary())
+
+
+def _run_check(config, echo, send_error) -> None:
+    """One line per check; exit 2 at the first problem, with what is wrong."""
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".pneumoedge-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"results folder {out} is not writable: {exc.strerror or exc}") from None
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((config.host, config.port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+    stderr.print(f"ok: model loaded, {out} writable, {config.host}:{config.port} free", highlight=False)
+    if config.send_to is None:
+        stderr.print("ok: no --send-to: results stay in the outbox (send them with `pneumoedge send-results`)", highlight=False)
+        return
+    try:
+        echo(config.send_to, config.aet)
+    except send_error as exc:
+        raise UserError(str(exc)) from None
+    stderr.print(f"ok: C-ECHO to {config.send_to} answered, Comprehensive SR accepted", highlight=False)
+
+
+def _print_summary(summary: dict) -> None:
+    labels = ", ".join(f"{k} {v}" for k, v in sorted(summary["labels"].items())) or "none"
+    stderr.print(
+        f"pneumoedge listen: received {summary['received']}, classified {summary['ok']} ({labels}), "
+        f"skipped {summary['skipped']}, errors {summary['errors']}, duplicates {summary['duplicates']}, "
+        f"result objects sent {summary['objects_sent']}, waiting in the outbox {summary['outbox']}, "
+        f"left in the spool {summary['spool']}; results in {summary['results']}",
+        highlight=False, soft_wrap=True,
+    )
+    if summary["last_send_error"] and summary["outbox"]:
+        stderr.print(f"last send error: {summary['last_send_error']}", highlight=False, soft_wrap=True)
+    stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
+
+
+def send_results(
+    folder: Annotated[Path, typer.Argument(help="A `listen --out` folder.", show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="AET@host:port of the PACS.", show_default=False)],
+    aet: Aet = "PNEUMOEDGE",
+    resend_all: Annotated[bool, typer.Option("--all", help="Also send again what was sent before (the PACS keeps one copy).")] = False,
+) -> None:
+    """Send the result objects waiting in FOLDER/outbox (with --all also FOLDER/sent) to a PACS.
+
+    Exit codes: 0 everything sent; 1 some objects are still waiting (the reason is printed); 2 usage error.
+    """
+    with user_errors():
+        _require_pacs()
+        from pneumoedge.pacs.send import Outbox, SendError, SendStats
+
+        aet = _check_aet(aet)
+        destination = _destination(to)
+        if not (folder / "outbox").is_dir():
+            raise UserError(f"{folder} is not a `pneumoedge listen --out` folder (it has no outbox/)")
+        outbox = Outbox(folder)
+        files = outbox.pending() + (sorted(outbox.sent.glob("*.dcm")) if resend_all else [])
+        stats = SendStats()
+        try:
+            outbox.send_pending(destination, aet, stats=stats, files=files)
+            problem = ""
+        except SendError as exc:
+            problem = str(exc)
+    left = len(outbox.pending())
+    stderr.print(f"sent {stats.sent} result object(s) to {destination}; {left} waiting in {folder / 'outbox'}", highlight=False)
+    if problem:
+        stderr.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1 if left or problem else 0)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("listen")(listen)
+    app.command("send-results")(send_results)

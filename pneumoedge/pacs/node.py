@@ -1,0 +1,117 @@
+"""The DICOM node: receiver, worker and sender over one results folder, started and stopped together.
+
+Results folder layout: `results.jsonl|csv` (the rows, also the ledger), `spool/` (received,
+not yet processed), `outbox/` (result objects not yet confirmed by the PACS), `sent/`,
+`refused/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pneumoedge.pacs.ledger import Ledger, find_results, results_file
+from pneumoedge.pacs.receive import Receiver
+from pneumoedge.pacs.send import Destination, Outbox, Sender
+from pneumoedge.pacs.spool import Spool
+from pneumoedge.pacs.worker import Worker
+from pneumoedge.runtime.ensemble import Ensemble
+from pneumoedge.runtime.results import OutputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeConfig:
+    out: Path
+    aet: str = "PNEUMOEDGE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    fmt: str = "jsonl"
+    allow: Sequence[str] = ()
+    send_to: Optional[Destination] = None
+    heatmaps: bool = False
+    retry_max: float = 60.0
+    batch_size: int = 8
+
+
+class Node:
+    """`start()` opens the folder and listens; `stop()` finishes the current batch and releases the port."""
+
+    def __init__(self, ensemble: Ensemble, config: NodeConfig) -> None:
+        self.ensemble = ensemble
+        self.config = config
+        out = Path(config.out)
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out} is a file; --out takes a folder for results, spool and outbox")
+        existing = find_results(out) if out.is_dir() else None
+        if existing is not None and existing.suffix != f".{config.fmt}":
+            raise OutputError(f"{out} already holds {existing.name}; use --format {existing.suffix[1:]} or another --out folder")
+        self.spool = Spool(out / "spool")
+        self.outbox = Outbox(out)
+        self.ledger = Ledger(results_file(out, config.fmt), config.fmt, ensemble.labels, [m.name for m in ensemble.members])
+        self.worker = Worker(ensemble, self.spool, self.ledger, self.outbox, heatmaps=config.heatmaps, batch_size=config.batch_size)
+        self.receiver = Receiver(self.spool, aet=config.aet, host=config.host, port=config.port, allow=config.allow)
+        self.sender = (
+            Sender(self.outbox, config.send_to, config.aet, retry_max=config.retry_max) if config.send_to else None
+        )
+        self._worker_thread: Optional[threading.Thread] = None
+        self.started = 0.0
+        self.leftover = 0
+
+    def start(self) -> None:
+        done = self.ledger.open()
+        self.leftover = len(self.spool)
+        log.info(
+            "results %s (%d instances done before), %d left in the spool (processed first), %d objects in the outbox",
+            self.ledger.path, len(done), self.leftover, len(self.outbox.pending()),
+        )
+        try:
+            self.receiver.start()
+        except OSError:
+            self.ledger.close()
+            raise
+        self.started = time.monotonic()
+        self._worker_thread = threading.Thread(target=self.worker.run, name="pneumoedge-worker", daemon=True)
+        self._worker_thread.start()
+        if self.sender is not None:
+            self.sender.start()
+        log.info(
+            "listening as %s on %s:%d; transfer syntaxes %s", self.config.aet, self.config.host, self.receiver.bound_port,
+            ", ".join(self.receiver.transfer_syntaxes),
+        )
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop receiving, let the worker finish its batch, stop the sender; results stay on disk."""
+        self.receiver.stop()
+        self.worker.stop()
+        if self._worker_thread is not None:
+            self._worker_thread.join(timeout)
+        if self.sender is not None:
+            self.sender.stop()
+            self.sender.join(timeout)
+        self.ledger.close()
+
+    def summary(self) -> dict[str, Any]:
+        stats = self.worker.stats
+        sent = self.sender.stats if self.sender is not None else None
+        return {
+            "received": self.receiver.received,
+            "refused_on_receipt": self.receiver.refused,
+            "ok": stats.statuses["ok"],
+            "skipped": stats.statuses["skipped"],
+            "errors": stats.statuses["error"],
+            "duplicates": stats.duplicates,
+            "labels": dict(stats.labels),
+            "objects_sent": sent.sent if sent else 0,
+            "objects_refused": sent.refused if sent else 0,
+            "outbox": len(self.outbox.pending()),
+            "spool": len(self.spool),
+            "uptime_s": time.monotonic() - self.started if self.started else 0.0,
+            "results": str(self.ledger.path),
+            "last_send_error": sent.last_error if sent else "",
+        }

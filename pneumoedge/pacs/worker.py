@@ -1,0 +1,206 @@
+"""The worker: spooled instances, oldest first, through `Ensemble.predict_many` (as `infer`), to rows and SRs.
+
+For each instance, in this order: result objects (SR, overlay SC) into the outbox, then the
+result row (the commit point), then the spool file is removed. A crash anywhere redoes at
+most the uncommitted instance, and its objects get the same UIDs, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pneumoedge.pacs import report
+from pneumoedge.pacs.ledger import Ledger
+from pneumoedge.pacs.send import Outbox
+from pneumoedge.pacs.spool import Spool, key_of
+from pneumoedge.runtime.ensemble import Ensemble, Prediction
+
+log = logging.getLogger(__name__)
+
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS")
+RADIOGRAPHY_MODALITIES = ("CR", "DX")
+
+
+@dataclass
+class WorkStats:
+    statuses: Counter = field(default_factory=Counter)
+    labels: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    objects: int = 0
+    busy_s: float = 0.0
+
+
+@dataclass
+class _Job:
+    path: Path
+    header: Any = None
+    extra: dict = field(default_factory=dict)
+    skip: str = ""
+    error: str = ""
+
+    @property
+    def uid(self) -> str:
+        return self.extra["SOPInstanceUID"]
+
+
+def not_chest_reason(header: Any) -> str:
+    """Why the header says this is not a single-frame chest radiograph ("" when it is one).
+
+    A missing BodyPartExamined is accepted: many chest radiographs leave it empty.
+    """
+    modality = str(header.get("Modality", "") or "").upper()
+    if modality not in RADIOGRAPHY_MODALITIES:
+        return f"modality {modality or '(missing)'} is not a projection radiograph (CR or DX)"
+    part = str(header.get("BodyPartExamined", "") or "").strip().upper()
+    if part and part not in CHEST_BODY_PARTS:
+        return f"BodyPartExamined is {part}, not a chest"
+    try:
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if frames > 1:
+        return f"multi-frame ({frames} frames), not a single radiograph"
+    return ""
+
+
+def _received(path: Path) -> str:
+    try:
+        ns = int(path.name.split("-", 1)[0])
+    except ValueError:
+        return ""
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Worker:
+    """Drains the spool into the ledger and the outbox. `run()` loops until `stop()`."""
+
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        spool: Spool,
+        ledger: Ledger,
+        outbox: Outbox,
+        *,
+        heatmaps: bool = False,
+        batch_size: int = 8,
+    ) -> None:
+        self.ensemble = ensemble
+        self.spool, self.ledger, self.outbox = spool, ledger, outbox
+        self.identity = report.model_identity(ensemble)
+        self.explain = heatmaps and bool(getattr(ensemble, "can_explain", False))
+        if heatmaps and not self.explain:
+            note = getattr(ensemble, "explain_note", "") or "this version of pneumoedge or this model cannot compute heatmaps"
+            log.warning("--heatmaps: no overlays will be sent (%s); SRs are sent as usual", note)
+        self.batch_size = batch_size
+        self.stats = WorkStats()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.spool.wake()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            if not self.process_available():
+                self.spool.wait(0.5)
+
+    def process_available(self) -> int:
+        """Process what is in the spool now, in batches; return how many instances were handled."""
+        handled = 0
+        while not self._stop.is_set():
+            files = self.spool.pending()[: self.batch_size]
+            if not files:
+                break
+            started = time.perf_counter()
+            self._process(files)
+            self.stats.busy_s += time.perf_counter() - started
+            handled += len(files)
+        return handled
+
+    def _process(self, files: list[Path]) -> None:
+        jobs: list[_Job] = []
+        seen: set[str] = set()
+        for path in files:
+            job = self._inspect(path)
+            if job.uid in self.ledger or job.uid in seen:
+                self.stats.duplicates += 1
+                log.info("duplicate %s from %s: already has a result row", job.uid, job.extra["calling_ae"] or "?")
+                path.unlink(missing_ok=True)
+                continue
+            seen.add(job.uid)
+            jobs.append(job)
+        to_classify = [job for job in jobs if not (job.skip or job.error)]
+        kwargs = {"explain": True} if self.explain else {}
+        predictions = self.ensemble.predict_many([str(j.path) for j in to_classify], batch_size=max(1, len(to_classify)), **kwargs)
+        by_path = {}
+        if to_classify:
+            by_path = {j.path: p for j, p in zip(to_classify, predictions)}
+        for job in jobs:
+            if job.error:
+                prediction = Prediction(source=job.uid, status="error", error=job.error)
+            elif job.skip:
+                prediction = Prediction(source=job.uid, status="skipped", error=job.skip)
+            else:
+                prediction = dataclasses.replace(by_path[job.path], source=job.uid)
+            self._commit(job, prediction)
+
+    def _inspect(self, path: Path) -> _Job:
+        import pydicom
+
+        job = _Job(path, extra={"SOPInstanceUID": key_of(path), "calling_ae": "", "received": _received(path), "sr": ""})
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            job.header = header
+            job.extra.update(
+                StudyInstanceUID=str(header.get("StudyInstanceUID", "")),
+                SeriesInstanceUID=str(header.get("SeriesInstanceUID", "")),
+                SOPInstanceUID=str(header.get("SOPInstanceUID", "") or key_of(path)),
+                calling_ae=str(header.file_meta.get("SourceApplicationEntityTitle", "") or "").strip(),
+            )
+            job.skip = not_chest_reason(header)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input; it becomes a row
+            job.error = f"cannot read the DICOM header: {' '.join(str(exc).split())[:300]}"
+        return job
+
+    def _commit(self, job: _Job, prediction: Prediction) -> None:
+        if prediction.status == "ok":
+            try:
+                job.extra["sr"] = self._result_objects(job, prediction)
+            except Exception as exc:  # noqa: BLE001 - the row still records the classification
+                log.exception("%s: could not build the result objects", job.uid)
+                prediction = dataclasses.replace(prediction, error=f"no SR: {' '.join(str(exc).split())[:300]}")
+        self.ledger.write(prediction, job.extra)
+        job.path.unlink(missing_ok=True)
+        self.stats.statuses[prediction.status] += 1
+        if prediction.label:
+            self.stats.labels[prediction.label] += 1
+        detail = f"{prediction.label} p={prediction.probability:.3f}" if prediction.status == "ok" else prediction.error
+        log.info(
+            "%s sop=%s study=%s ae=%s %s",
+            prediction.status, job.uid, job.extra.get("StudyInstanceUID", ""), job.extra["calling_ae"] or "?", detail,
+        )
+
+    def _result_objects(self, job: _Job, prediction: Prediction) -> str:
+        """Write the overlay SC (when there is one) and the SR to the outbox; return the SR's UID."""
+        if self.explain:
+            overlay = report.overlay_of(prediction)
+            if overlay is not None:
+                self._queue(report.build_sc(job.header, overlay, self.identity))
+        sr = report.build_sr(job.header, prediction, self.identity)
+        self._queue(sr)
+        return str(sr.SOPInstanceUID)
+
+    def _queue(self, dataset: Any) -> None:
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        self.outbox.put(str(dataset.SOPInstanceUID), buffer.getvalue())
+        self.stats.objects += 1
