@@ -28,10 +28,12 @@ def predict_upload(ensemble: Ensemble, upload: Upload, explain: bool = False) ->
     """
     status = 200
     try:
+        if not upload.data:  # the decoder's reason would be "unrecognised content"
+            raise ImageError("empty file (0 bytes): was the upload cut off, or the file still being written?")
         prediction = ensemble.predict(upload.data, explain=True) if explain else ensemble.predict(upload.data)
     except ImageError as exc:
         prediction = Prediction(source=upload.name, status="error", error=str(exc))
-        status = 422 if _is_image_format(upload.data) else 415
+        status = 422 if not upload.data or _is_image_format(upload.data) else 415
     except Exception as exc:  # a decoder bug must cost one row, not the server; the type is logged, no data
         log.error("prediction failed with %s", type(exc).__name__)
         prediction = Prediction(source=upload.name, status="error", error="this file could not be processed (internal error)")

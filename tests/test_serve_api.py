@@ -1,0 +1,349 @@
+"""`pneumoedge serve`'s JSON API in-process (FastAPI's TestClient): results, limits, auth, privacy."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+import pneumoedge  # noqa: E402
+from pneumoedge.cli import app as cli_app  # noqa: E402
+from pneumoedge.serve import ServeSettings, create_app  # noqa: E402
+from tests.input_files import dicom_bytes  # noqa: E402
+from tests.serve_helpers import EXAMPLES  # noqa: E402
+
+TOKEN = "test-token-0123456789abcdef"
+PATIENT = "Doe^Jane"
+PATIENT_ID = "PID-SECRET-4711"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ensemble():
+    return pneumoedge.load(threads=1)  # as `infer` loads it (its default --threads 1)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """The example images plus a DICOM (carrying patient fields) made from the first one."""
+    folder = tmp_path_factory.mktemp("inputs")
+    for image in sorted(EXAMPLES.glob("example_*")):
+        shutil.copy(image, folder / image.name)
+    pixels = cv2.imread(str(EXAMPLES / "example_01.jpeg"), cv2.IMREAD_GRAYSCALE)
+    (folder / "patient_Doe_Jane.dcm").write_bytes(dicom_bytes(pixels, PatientName=PATIENT, PatientID=PATIENT_ID))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def infer_rows(inputs: Path, tmp_path_factory) -> dict[str, dict]:
+    """`pneumoedge infer --format jsonl` on the same files, by file name."""
+    out = tmp_path_factory.mktemp("infer") / "rows.jsonl"
+    result = runner.invoke(cli_app, ["infer", str(inputs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return {Path(row["path"]).name: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def client(ensemble):
+    with TestClient(create_app(ensemble)) as test_client:
+        yield test_client
+
+
+def _same_as_infer(row: dict, expected: dict) -> None:
+    """Every field of the JSONL row, bit for bit (floats compared exactly), except the path."""
+    assert row["status"] == "ok"
+    assert {k: v for k, v in row.items() if k != "path"} == {k: v for k, v in expected.items() if k != "path"}
+
+
+def test_multipart_rows_equal_infer_bit_for_bit(client, inputs, infer_rows) -> None:
+    names = sorted(p.name for p in inputs.iterdir())
+    assert len(names) == 9
+    for name in names:
+        response = client.post("/api/v1/predict", files={"file": (name, (inputs / name).read_bytes())})
+        assert response.status_code == 200, response.text
+        (row,) = response.json()["results"]
+        assert row["path"] == name
+        _same_as_infer(row, infer_rows[name])
+
+
+def test_several_files_in_one_request_come_back_in_order(client, inputs, infer_rows) -> None:
+    names = ["example_03.jpeg", "example_05.png", "patient_Doe_Jane.dcm", "example_01.jpeg"]
+    files = [("file", (n, (inputs / n).read_bytes())) for n in names]
+    response = client.post("/api/v1/predict", files=files)
+    assert response.status_code == 200
+    rows = response.json()["results"]
+    assert [r["path"] for r in rows] == names
+    for row in rows:
+        _same_as_infer(row, infer_rows[row["path"]])
+
+
+@pytest.mark.parametrize(
+    "name, content_type",
+    [("example_02.jpeg", "image/jpeg"), ("example_05.png", "image/png"), ("patient_Doe_Jane.dcm", "application/dicom")],
+)
+def test_raw_body_with_its_content_type(client, inputs, infer_rows, name, content_type) -> None:
+    response = client.post(
+        "/api/v1/predict", params={"filename": name}, content=(inputs / name).read_bytes(), headers={"Content-Type": content_type}
+    )
+    assert response.status_code == 200, response.text
+    _same_as_infer(response.json()["results"][0], infer_rows[name])
+
+
+def test_unreadable_and_unsupported_inputs(client, inputs) -> None:
+    jpeg = (inputs / "example_01.jpeg").read_bytes()
+    cases = [
+        # (request kwargs, status, words in the reason)
+        (dict(files={"file": ("scan.png", b"%PDF-1.4 a letter")}), 415, "PDF"),
+        (dict(files={"file": ("cut.jpeg", jpeg[:4000])}), 422, "truncated"),
+        (dict(files={"file": ("empty.png", b"")}), 422, "empty"),
+        (dict(content=b"hello", headers={"Content-Type": "text/plain"}), 415, "unsupported Content-Type"),
+        (dict(content=jpeg), 415, "unsupported Content-Type"),  # no Content-Type at all
+        (dict(content=b"%PDF-1.4", headers={"Content-Type": "image/png"}), 415, "PDF"),
+        (dict(content=b"--x\r\nnonsense", headers={"Content-Type": "multipart/form-data; boundary=x"}), 400, "malformed multipart"),
+        (dict(content=b"\x00" * 50, headers={"Content-Type": "multipart/form-data; boundary=abc"}), 400, "malformed multipart"),
+        (dict(content=b"abc", headers={"Content-Type": "multipart/form-data"}), 400, "no boundary"),
+        (dict(data={"note": "no file"}, files={"x": ("", b"")}), 422, "no file"),
+    ]
+    for kwargs, status, words in cases:
+        response = client.post("/api/v1/predict", **kwargs)
+        assert response.status_code == status, (kwargs.get("headers"), response.text)
+        body = response.json()
+        reason = body["results"][0]["error"] if "results" in body else body["detail"]
+        assert words.lower() in reason.lower(), reason
+    # One bad file among good ones: 200, and the bad one has its own row with the reason.
+    response = client.post("/api/v1/predict", files=[("file", ("a.jpeg", jpeg)), ("file", ("b.png", b"%PDF-1.4"))])
+    assert response.status_code == 200
+    assert [r["status"] for r in response.json()["results"]] == ["ok", "error"]
+
+
+def _asgi_post(app, chunks: int, chunk: bytes, headers: list, first: bytes = b"") -> tuple[int, int]:
+    """POST a body of `chunks` x `chunk` straight through ASGI; (status, body messages the app pulled)."""
+    pulled = 0
+    status = []
+
+    async def receive():
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": first if pulled == 1 and first else chunk, "more_body": pulled < chunks}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/api/v1/predict", "raw_path": b"/api/v1/predict", "query_string": b"", "root_path": "",
+        "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    return status[0], pulled
+
+
+def test_413_while_streaming_before_the_body_is_read(ensemble, inputs) -> None:
+    limit = 100_000
+    app = create_app(ensemble, ServeSettings(max_upload_bytes=limit))
+    # 10 MB announced by nobody (chunked): refused after ~limit bytes, the rest never pulled.
+    status, pulled = _asgi_post(app, 1000, b"\xff" * 10_000, [(b"content-type", b"image/jpeg")])
+    assert status == 413 and pulled <= limit // 10_000 + 1
+    boundary = [(b"content-type", b"multipart/form-data; boundary=b")]
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpeg"\r\n\r\n'
+    status, pulled = _asgi_post(app, 1000, b"x" * 10_000, boundary, first=part)
+    assert status == 413 and pulled <= limit // 10_000 + 1
+    # A declared 2 GB body is refused before any of it is read.
+    status, pulled = _asgi_post(app, 1000, b"x", [(b"content-type", b"image/jpeg"), (b"content-length", b"2000000000")])
+    assert status == 413 and pulled == 0
+    with TestClient(app) as small:
+        big = (inputs / "example_05.png").read_bytes()
+        assert len(big) > limit
+        too_big = small.post("/api/v1/predict", files={"file": ("x.png", big)})
+        assert too_big.status_code == 413 and "limit is" in too_big.json()["detail"]
+        small_file = (inputs / "example_01.jpeg").read_bytes()[:50_000]
+        assert small.post("/api/v1/predict", files={"file": ("t.jpeg", small_file)}).status_code == 422  # under the limit: read
+
+
+class _Gated:
+    """The real ensemble, whose predictions wait for a gate: holds requests in the queue on demand."""
+
+    def __init__(self, ensemble) -> None:
+        self._ensemble = ensemble
+        self.gate = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._ensemble, name)
+
+    def predict(self, source, **kwargs):
+        assert self.gate.wait(30)
+        return self._ensemble.predict(source, **kwargs)
+
+
+def test_queue_full_gives_503_with_retry_after_then_recovers(ensemble, inputs) -> None:
+    gated = _Gated(ensemble)
+    jpeg = (inputs / "example_01.jpeg").read_bytes()
+    wrapped = create_app(gated, ServeSettings(queue_limit=2))
+    queue = wrapped.app.state.queue
+    with TestClient(wrapped) as client:
+        held = []
+        threads = [threading.Thread(target=lambda: held.append(client.post("/api/v1/predict", files={"file": ("a.jpeg", jpeg)}))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 20
+        while queue.pending < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queue.pending == 2
+        refused = [client.post("/api/v1/predict", files={"file": ("a.jpeg", jpeg)}) for _ in range(5)]
+        assert {r.status_code for r in refused} == {503}
+        assert all(r.headers["Retry-After"] == "1" and "busy" in r.json()["detail"] for r in refused)
+        assert client.get("/readyz").status_code == 503 and client.get("/healthz").status_code == 200
+        gated.gate.set()
+        for thread in threads:
+            thread.join(30)
+        assert [r.status_code for r in held] == [200, 200]
+        assert queue.pending == 0
+        assert client.post("/api/v1/predict", files={"file": ("a.jpeg", jpeg)}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def test_model_health_schema_and_docs(client, ensemble) -> None:
+    model = client.get("/api/v1/model").json()
+    described = ensemble.describe()
+    assert model["labels"] == described["labels"] and model["threshold"] == described["threshold"]
+    assert [m["name"] for m in model["members"]] == [m["name"] for m in described["members"]]
+    manifest = ensemble.manifest
+    assert model["name"] == manifest.name and model["provenance"] == manifest.provenance
+    assert [m["sha256"] for m in model["members"]] == [e.sha256 for e in manifest.members_for("default")]
+    assert model["synthetic"] is True and "synthetic phantoms" in model["provenance_summary"]
+    assert model["notice"] == "Decision support, not a diagnosis."
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    schema = client.get("/api/v1/openapi.json").json()
+    assert {"/api/v1/predict", "/api/v1/model", "/healthz", "/readyz"} <= set(schema["paths"])
+    assert "multipart/form-data" in schema["paths"]["/api/v1/predict"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+
+
+def test_page_assets_are_local_and_headers_are_strict(client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "Decision support, not a diagnosis." in page.text
+    assert "http://" not in page.text and "https://" not in page.text
+    for asset in ("/static/app.js", "/static/app.css"):
+        text = client.get(asset).text
+        assert "http://" not in text and "https://" not in text and "@import" not in text
+    for path in ("/", "/api/v1/model", "/static/app.js"):
+        response = client.get(path, headers={"Origin": "http://elsewhere.example"})
+        headers = response.headers
+        assert "default-src 'self'" in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["cache-control"] == "no-store"
+        assert not any(k.lower().startswith("access-control-") for k in headers), "CORS must be off"
+    preflight = client.options("/api/v1/predict", headers={"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_token_required_on_page_and_api_when_set(ensemble) -> None:
+    with TestClient(create_app(ensemble, ServeSettings(token=TOKEN))) as client:
+        for path in ("/", "/api/v1/model", "/static/app.js", "/api/v1/openapi.json"):
+            response = client.get(path)
+            assert response.status_code == 401 and "Basic" in response.headers["www-authenticate"]
+            assert client.get(path, headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+            assert client.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+            basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+            assert client.get(path, headers={"Authorization": f"Basic {basic}"}).status_code == 200
+        assert client.post("/api/v1/predict", content=b"x", headers={"Content-Type": "image/jpeg"}).status_code == 401
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_logs_hold_ids_sizes_and_timings_never_names_or_patient_fields(client, inputs, caplog) -> None:
+    secret_name = "Doe_Jane_1967-03-04.jpeg"
+    with caplog.at_level(logging.INFO, logger="pneumoedge.serve"):
+        response = client.post(
+            "/api/v1/predict",
+            files=[
+                ("file", (secret_name, (inputs / "example_01.jpeg").read_bytes())),
+                ("file", ("patient_Doe_Jane.dcm", (inputs / "patient_Doe_Jane.dcm").read_bytes())),
+            ],
+        )
+        client.post(f"/api/v1/predict?filename={secret_name}", content=b"%PDF", headers={"Content-Type": "image/png"})
+        client.get(f"/static/{secret_name}")
+    assert response.status_code == 200
+    text = caplog.text
+    request_id = response.headers["x-request-id"]
+    assert request_id == response.json()["request_id"] and f"request={request_id}" in text
+    assert "status=200 files=2" in text and "ms=" in text and "in_bytes=" in text
+    for secret in ("Doe", "Jane", PATIENT_ID, "1967", ".jpeg", ".dcm"):
+        assert secret not in text, f"{secret!r} leaked into the logs"
+
+
+def test_uploads_stay_in_memory_unless_kept(ensemble, inputs, tmp_path, monkeypatch) -> None:
+    big = (inputs / "example_05.png").read_bytes()  # > 1 MB: Starlette's own form parser would spool it to disk
+    created = []
+    for name in ("TemporaryFile", "NamedTemporaryFile", "SpooledTemporaryFile", "mkstemp"):
+        original = getattr(tempfile, name)
+        monkeypatch.setattr(tempfile, name, lambda *a, _o=original, _n=name, **k: (created.append(_n), _o(*a, **k))[1])
+    with TestClient(create_app(ensemble)) as client:
+        assert client.post("/api/v1/predict", files={"file": ("x.png", big)}).status_code == 200
+    assert created == []
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with TestClient(create_app(ensemble, ServeSettings(keep_uploads=kept))) as client:
+        response = client.post("/api/v1/predict", files=[("file", ("Doe.png", big)), ("file", ("x.pdf", b"%PDF-1"))])
+    request_id = response.json()["request_id"]
+    assert sorted(p.name for p in kept.iterdir()) == [f"{request_id}-1.png", f"{request_id}-2.bin"]
+    assert (kept / f"{request_id}-1.png").read_bytes() == big
+
+
+def test_explain_without_heatmaps_says_so(client, inputs) -> None:
+    response = client.post("/api/v1/predict?explain=1", files={"file": ("a.jpeg", (inputs / "example_01.jpeg").read_bytes())})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["explain"]["requested"] is True
+    if not body["explain"]["available"]:
+        assert body["results"][0]["overlay"] == "" and body["explain"]["note"]
+    else:
+        assert body["results"][0]["overlay"].startswith("data:image/png;base64,")
+
+
+def _first_error_line(output: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith("error:"))
+
+
+def test_cli_refuses_unsafe_or_broken_starts_with_one_line(tmp_path) -> None:
+    missing = str(tmp_path / "no-such-model")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    cases = [
+        (["serve", "--host", "0.0.0.0"], "--token"),
+        (["serve", "--host", "0.0.0.0", "--token", "short"], "at least 16"),
+        (["serve", "--keep-uploads", missing], "no such folder"),
+        (["serve", "--model", missing], "no such model file"),
+        (["serve", "--port", str(busy.getsockname()[1])], "cannot listen"),
+    ]
+    try:
+        for args, words in cases:
+            result = runner.invoke(cli_app, args)
+            assert result.exit_code == 2, (args, result.output)
+            assert words in _first_error_line(result.output), result.output
+            assert "Traceback" not in result.output
+    finally:
+        busy.close()
+    # The model error is the same line as infer's.
+    infer = runner.invoke(cli_app, ["infer", str(tmp_path), "--model", missing])
+    serve = runner.invoke(cli_app, ["serve", "--model", missing])
+    assert infer.exit_code == serve.exit_code == 2
+    assert _first_error_line(infer.output) == _first_error_line(serve.output)
