@@ -58,14 +58,18 @@ def _check_aet(aet: str) -> str:
     return aet
 
 
-def _setup_logging(verbose_dicom: bool) -> None:
+def _quiet_pynetdicom(verbose: bool) -> None:
+    """pynetdicom logs every refused connection as errors; our own messages say it in one line."""
+    logging.getLogger("pynetdicom").setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
+def _setup_logging() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     pacs_log = logging.getLogger("pneumoedge.pacs")
     pacs_log.handlers[:] = [handler]
     pacs_log.setLevel(logging.INFO)
     pacs_log.propagate = False
-    logging.getLogger("pynetdicom").setLevel(logging.INFO if verbose_dicom else logging.CRITICAL)
 
 
 def listen(
@@ -109,6 +113,7 @@ def listen(
         from pneumoedge.pacs.send import SendError, echo
         from pneumoedge.runtime.ensemble import load
 
+        _quiet_pynetdicom(verbose_dicom)
         aet = _check_aet(aet)
         destination = _destination(send_to)
         fmt = fmt.lower()
@@ -123,7 +128,7 @@ def listen(
         if check:
             _run_check(config, echo, SendError)
             return
-        _setup_logging(verbose_dicom)
+        _setup_logging()
         node = Node(ensemble, config)
         try:
             node.start()
@@ -199,6 +204,7 @@ def send_results(
         _require_pacs()
         from pneumoedge.pacs.send import Outbox, SendError, SendStats
 
+        _quiet_pynetdicom(False)
         aet = _check_aet(aet)
         destination = _destination(to)
         if not (folder / "outbox").is_dir():

@@ -100,6 +100,13 @@ class Receiver:
         log.info("received %s from %s", uid, event.assoc.requestor.ae_title.strip())
         return 0x0000
 
+    def _on_rejected(self, event: Any) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "refused an association from %s (%s): %s", requestor.ae_title.strip() or "?", requestor.address,
+            "not in --allow" if self.allow else "rejected",
+        )
+
     def start(self) -> None:
         from pynetdicom import AE, evt
 
@@ -110,7 +117,7 @@ class Receiver:
         ae.add_supported_context(VERIFICATION)
         if self.allow:
             ae.require_calling_aet = self.allow
-        handlers = [(evt.EVT_C_STORE, self._handle_store)]
+        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_REJECTED, self._on_rejected)]
         # Raises OSError (address in use, permission) before anything is acknowledged.
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
 

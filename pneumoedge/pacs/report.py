@@ -10,6 +10,7 @@ never a second report.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +27,7 @@ MANUFACTURER = "pneumoedge"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 _SCHEME = "99PNEUMOEDGE"
+_NAMESPACE = uuid.UUID("5b0f7f52-3d1c-4e55-9a55-70b1c2a0e9d1")  # pneumoedge result objects
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,11 @@ def _sha256(path: Path) -> str:
 
 
 def derived_uid(*parts: str) -> str:
-    """A UID (2.25 form) that is a pure function of `parts`."""
-    from pydicom.uid import generate_uid
+    """A UID that is a pure function of `parts`: a name-based UUID in the 2.25 form (PS3.5 B.2).
 
-    return str(generate_uid(prefix=None, entropy_srcs=list(parts)))
+    (pydicom's `generate_uid(prefix=None, ...)` ignores its entropy sources and is random.)
+    """
+    return f"2.25.{uuid.uuid5(_NAMESPACE, chr(31).join(parts)).int}"
 
 
 def sr_uids(source: Any, identity: ModelIdentity) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,9 +69,18 @@ def _associate(destination: Destination, calling_aet: str, timeout: float):
         return assoc
     if assoc.is_rejected:
         raise SendError(f"{destination} rejected the association (is {calling_aet!r} a known AE title there, and {destination.aet!r} its own?)")
-    if assoc.is_aborted:
+    if assoc.is_aborted and _answers(destination):
         raise SendError(f"{destination} aborted the association")
     raise SendError(f"cannot connect to {destination} (nothing answers on {destination.host}:{destination.port})")
+
+
+def _answers(destination: Destination) -> bool:
+    """Whether anything accepts TCP connections there (pynetdicom reports a refused connection as an abort)."""
+    try:
+        socket.create_connection((destination.host, destination.port), timeout=5).close()
+        return True
+    except OSError:
+        return False
 
 
 def echo(destination: Destination, calling_aet: str, timeout: float = 10.0) -> None:

@@ -1,0 +1,291 @@
+"""The DICOM node's parts without a PACS: spool, ledger, chest rules, SR/SC content, worker, CLI errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+pydicom = pytest.importorskip("pydicom")
+pytest.importorskip("pynetdicom")
+pytest.importorskip("highdicom")
+
+from pneumoedge.cli import app  # noqa: E402
+from pneumoedge.pacs import report  # noqa: E402
+from pneumoedge.pacs.ledger import Ledger, read_rows  # noqa: E402
+from pneumoedge.pacs.send import Outbox, parse_destination  # noqa: E402
+from pneumoedge.pacs.spool import Spool, key_of  # noqa: E402
+from pneumoedge.pacs.worker import Worker, not_chest_reason  # noqa: E402
+from pneumoedge.runtime.ensemble import Prediction, load  # noqa: E402
+from pneumoedge.runtime.results import ResultWriter  # noqa: E402
+from tests.orthanc_helpers import chest_instance, free_port, uids_of  # noqa: E402
+
+runner = CliRunner()
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+@pytest.fixture(scope="module")
+def ensemble():
+    return load()
+
+
+def _header(data: bytes):
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+
+def _content(sr) -> list[tuple[str, str, object]]:
+    """(value type, concept meaning, value) of the SR's first-level items."""
+    items = []
+    for item in sr.ContentSequence:
+        meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "TEXT":
+            items.append(("TEXT", meaning, item.TextValue))
+        elif item.ValueType == "NUM":
+            items.append(("NUM", meaning, float(item.MeasuredValueSequence[0].NumericValue)))
+        elif item.ValueType == "IMAGE":
+            items.append(("IMAGE", meaning, item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+    return items
+
+
+def test_spool_keeps_arrival_order_and_drops_half_written_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    for uid in ("1.2.3", "1.2.1", "1.2.2"):
+        spool.put(uid, uid.encode())
+    (spool.folder / ".tmp-123-1-1.9.9.dcm").write_bytes(b"half")
+    assert [key_of(p) for p in spool.pending()] == ["1.2.3", "1.2.1", "1.2.2"]
+    reopened = Spool(tmp_path / "spool")
+    assert not list(reopened.folder.glob(".tmp-*"))
+    assert [p.read_bytes() for p in reopened.pending()] == [b"1.2.3", b"1.2.1", b"1.2.2"]
+
+
+def test_result_writer_default_columns_unchanged_and_extra_columns_appended(tmp_path: Path) -> None:
+    plain = ResultWriter("csv", ["NORMAL", "PNEUMONIA"], ["m"])
+    extra = ResultWriter("csv", ["NORMAL", "PNEUMONIA"], ["m"], extra_columns=["SOPInstanceUID", "calling_ae"])
+    assert extra.header == plain.header.rstrip("\n") + ",SOPInstanceUID,calling_ae\n"
+    out = tmp_path / "r.jsonl"
+    writer = ResultWriter("jsonl", ["NORMAL", "PNEUMONIA"], ["m"], extra_columns=["SOPInstanceUID"])
+    writer.open(out)
+    writer.write(Prediction(source="x", status="skipped", error="why"), {"SOPInstanceUID": "1.2"})
+    writer.close()
+    assert json.loads(out.read_text())["SOPInstanceUID"] == "1.2"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_ledger_reads_back_done_uids_and_drops_a_cut_off_row(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"results.{fmt}"
+    ledger = Ledger(path, fmt, ["NORMAL", "PNEUMONIA"], ["m"])
+    assert ledger.open() == set()
+    for uid, status in (("1.1", "ok"), ("1.2", "error"), ("1.3", "skipped")):
+        ledger.write(Prediction(source=uid, status=status, label="NORMAL" if status == "ok" else None), {"SOPInstanceUID": uid})
+    ledger.close()
+    with open(path, "ab") as handle:  # a crash in the middle of a row
+        handle.write(b'{"path": "1.4", "status": "o')
+    again = Ledger(path, fmt, ["NORMAL", "PNEUMONIA"], ["m"])
+    assert again.open() == {"1.1", "1.2", "1.3"}
+    again.write(Prediction(source="1.4", status="ok", label="NORMAL"), {"SOPInstanceUID": "1.4"})
+    again.close()
+    rows = read_rows(path)
+    assert [r["SOPInstanceUID"] for r in rows] == ["1.1", "1.2", "1.3", "1.4"]
+
+
+def test_ledger_refuses_a_csv_of_another_model(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    first = Ledger(path, "csv", ["NORMAL", "PNEUMONIA"], ["m"])
+    first.open()
+    first.close()
+    with pytest.raises(Exception, match="columns differ"):
+        Ledger(path, "csv", ["A", "B", "C"], ["m"]).open()
+
+
+@pytest.mark.parametrize(
+    "tags, reason",
+    [
+        ({"Modality": "DX", "BodyPartExamined": "CHEST"}, ""),
+        ({"Modality": "CR", "BodyPartExamined": "THORAX"}, ""),
+        ({"Modality": "DX"}, ""),
+        ({"Modality": "DX", "BodyPartExamined": "HAND"}, "BodyPartExamined is HAND"),
+        ({"Modality": "CT", "BodyPartExamined": "CHEST"}, "modality CT"),
+        ({"BodyPartExamined": "CHEST"}, "modality (missing)"),
+        ({"Modality": "DX", "BodyPartExamined": "CHEST", "NumberOfFrames": 3}, "multi-frame (3 frames)"),
+    ],
+)
+def test_chest_rules(tags: dict, reason: str) -> None:
+    ds = pydicom.Dataset()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    found = not_chest_reason(ds)
+    assert (found == "") if not reason else (reason in found)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("ORTHANC@127.0.0.1:4242", ("ORTHANC", "127.0.0.1", 4242)),
+        ("PACS 1@pacs.local:104", ("PACS 1", "pacs.local", 104)),
+        ("ORTHANC@127.0.0.1", None),
+        ("127.0.0.1:4242", None),
+        ("ORTHANC@127.0.0.1:70000", None),
+        ("A_TITLE_LONGER_THAN_16@h:1", None),
+    ],
+)
+def test_parse_destination(text: str, expected) -> None:
+    if expected is None:
+        with pytest.raises(ValueError, match="AET@host:port"):
+            parse_destination(text)
+    else:
+        dest = parse_destination(text)
+        assert (dest.aet, dest.host, dest.port) == expected
+
+
+def test_sr_says_what_how_sure_which_model_and_points_at_the_image(ensemble) -> None:
+    data = chest_instance(modality="CR", sixteen_bit=True, seed=3)
+    source = _header(data)
+    prediction = ensemble.predict(data)
+    identity = report.model_identity(ensemble)
+    sr = report.build_sr(source, prediction, identity)
+    encoded = io.BytesIO()
+    sr.save_as(encoded, enforce_file_format=True)
+    sr = pydicom.dcmread(io.BytesIO(encoded.getvalue()))
+    assert sr.SOPClassUID == COMPREHENSIVE_SR
+    assert (sr.StudyInstanceUID, sr.PatientID, sr.AccessionNumber) == (source.StudyInstanceUID, source.PatientID, source.AccessionNumber)
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID and sr.SOPInstanceUID != source.SOPInstanceUID
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert evidence.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    items = _content(sr)
+    numbers = {meaning: value for kind, meaning, value in items if kind == "NUM"}
+    texts = [(meaning, value) for kind, meaning, value in items if kind == "TEXT"]
+    for label, p in prediction.probabilities.items():
+        assert numbers[f"Probability of {label}"] == pytest.approx(p, abs=1e-9)
+    assert numbers["Decision threshold"] == pytest.approx(ensemble.threshold)
+    assert ("Algorithm Name", ensemble.manifest.name) in texts
+    manifest_shas = {(m.name, m.precision): m.sha256 for m in ensemble.manifest.members}
+    for member in ensemble.members:
+        sha = manifest_shas[(member.name, member.precision)]
+        assert any(sha in value and member.name in value for meaning, value in texts if meaning == "Algorithm Parameters")
+    finding = next(value for meaning, value in texts if meaning == "Finding")
+    assert finding.startswith(prediction.label)
+    comments = " ".join(value for meaning, value in texts if meaning == "Comment")
+    assert "not a diagnosis" in comments and "synthetic phantoms" in comments
+    assert ("IMAGE", "Source of Measurement", source.SOPInstanceUID) in items
+    # The same image and model give the same UIDs (re-sending is harmless); another image does not.
+    again = report.build_sr(source, prediction, identity)
+    assert again.SOPInstanceUID == sr.SOPInstanceUID
+    other = report.build_sr(_header(chest_instance(seed=4, study_uid=source.StudyInstanceUID)), prediction, identity)
+    assert other.SOPInstanceUID != sr.SOPInstanceUID and other.SeriesInstanceUID == sr.SeriesInstanceUID
+
+
+def test_sr_states_out_of_distribution_in_plain_words(ensemble) -> None:
+    source = _header(chest_instance(seed=5))
+    prediction = Prediction(
+        source="x", status="ok", label="NORMAL", probability=0.8, probabilities={"NORMAL": 0.8, "PNEUMONIA": 0.2},
+        threshold=0.5, ood=True, ood_score=9.0,
+    )
+    texts = [value for kind, _, value in _content(report.build_sr(source, prediction, report.model_identity(ensemble))) if kind == "TEXT"]
+    assert report.OOD_NOTE in texts and "unlike the training images" in texts
+
+
+def test_overlay_secondary_capture_lands_in_the_source_study(ensemble) -> None:
+    source = _header(chest_instance(seed=6))
+    overlay = np.zeros((60, 80, 3), np.uint8)
+    overlay[..., 0] = np.arange(80, dtype=np.uint8)
+    sc = report.build_sc(source, overlay, report.model_identity(ensemble))
+    encoded = io.BytesIO()
+    sc.save_as(encoded, enforce_file_format=True)
+    back = pydicom.dcmread(io.BytesIO(encoded.getvalue()))
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert back.StudyInstanceUID == source.StudyInstanceUID and back.PatientID == source.PatientID
+    assert back.PhotometricInterpretation == "RGB"
+    np.testing.assert_array_equal(back.pixel_array, overlay)
+    with pytest.raises(ValueError, match="RGB"):
+        report.build_sc(source, overlay[..., 0], report.model_identity(ensemble))
+
+
+def _spool_file(spool: Spool, data: bytes, calling_ae: str = "MODALITY") -> None:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.SourceApplicationEntityTitle = calling_ae
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    spool.put(str(ds.SOPInstanceUID), buffer.getvalue())
+
+
+def test_worker_one_row_per_instance_duplicates_dropped_and_bad_files_reported(ensemble, tmp_path: Path) -> None:
+    spool, outbox = Spool(tmp_path / "spool"), Outbox(tmp_path)
+    ledger = Ledger(tmp_path / "results.jsonl", "jsonl", ensemble.labels, [m.name for m in ensemble.members])
+    ledger.open()
+    dx = chest_instance(modality="DX", seed=10)
+    hand = chest_instance(modality="DX", body_part="HAND", seed=11)
+    _spool_file(spool, dx)
+    _spool_file(spool, hand)
+    _spool_file(spool, dx)  # the PACS sent it twice
+    spool.put("1.2.3.4", b"not dicom at all")
+    worker = Worker(ensemble, spool, ledger, outbox)
+    assert worker.process_available() == 4
+    ledger.close()
+    rows = {r["SOPInstanceUID"]: r for r in read_rows(ledger.path)}
+    assert len(read_rows(ledger.path)) == 3 and not spool.pending()
+    dx_uid, hand_uid = uids_of(dx)[2], uids_of(hand)[2]
+    assert rows[dx_uid]["status"] == "ok" and rows[dx_uid]["calling_ae"] == "MODALITY" and rows[dx_uid]["sr"]
+    assert rows[dx_uid]["probabilities"]["PNEUMONIA"] == pytest.approx(ensemble.predict(dx).probabilities["PNEUMONIA"], abs=1e-6)
+    assert rows[hand_uid]["status"] == "skipped" and "HAND" in rows[hand_uid]["error"] and not rows[hand_uid]["sr"]
+    assert rows["1.2.3.4"]["status"] == "error" and "DICOM header" in rows["1.2.3.4"]["error"]
+    assert [key_of(p) for p in outbox.pending()] == [rows[dx_uid]["sr"]]
+    assert worker.stats.duplicates == 1
+    # A restart with the same instance still in the spool (killed before removing it): no second row.
+    _spool_file(spool, dx)
+    ledger2 = Ledger(ledger.path, "jsonl", ensemble.labels, [m.name for m in ensemble.members])
+    ledger2.open()
+    Worker(ensemble, spool, ledger2, outbox).process_available()
+    ledger2.close()
+    assert len(read_rows(ledger.path)) == 3 and len(outbox.pending()) == 1
+
+
+def test_outbox_replaces_an_older_copy_of_the_same_object(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.put("2.25.1", b"first")
+    outbox.put("2.25.2", b"other")
+    outbox.put("2.25.1", b"second")
+    assert sorted(p.read_bytes() for p in outbox.pending()) == [b"other", b"second"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["listen", "--out", "{tmp}/r", "--send-to", "ORTHANC@localhost", "--check"], "AET@host:port"),
+        (["listen", "--out", "{tmp}/r", "--aet", "A_TITLE_FAR_TOO_LONG", "--check"], "1 to 16 printable characters"),
+        (["listen", "--out", "{tmp}/r", "--format", "xml", "--check"], "--format must be jsonl or csv"),
+        (["listen", "--out", "{tmp}/r", "--model", "{tmp}/missing", "--check"], "no such model file"),
+        (["listen", "--out", "{tmp}/r", "--host", "127.0.0.1", "--port", "{port}", "--send-to", "NOBODY@127.0.0.1:{port}", "--check"], "cannot connect"),
+        (["send-results", "{tmp}", "--to", "ORTHANC@127.0.0.1:4242"], "not a `pneumoedge listen --out` folder"),
+        (["send-results", "{tmp}", "--to", "ORTHANC"], "AET@host:port"),
+    ],
+)
+def test_cli_mistakes_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    port = str(free_port())
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{port}", port) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert any(line.startswith("error:") for line in result.output.splitlines())
+
+
+def test_check_without_destination_says_results_stay_in_the_outbox(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["listen", "--out", str(tmp_path / "r"), "--host", "127.0.0.1", "--port", str(free_port()), "--check"])
+    assert result.exit_code == 0, result.output
+    assert "no --send-to" in result.output and "outbox" in result.output
+
+
+def test_check_reports_a_busy_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["listen", "--out", str(tmp_path / "r"), "--host", "127.0.0.1", "--port", str(port), "--check"])
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.output, result.output
+    assert os.path.isdir(tmp_path / "r")
