@@ -16,7 +16,7 @@ from pneumoedge.export.errors import ExportError
 
 
 def export_command(
-    models: Annotated[List[Path], typer.Argument(help="Run folders from `train` (one bundle, an ensemble when several), or ONE foreign .keras/.h5 file or SavedModel folder.", show_default=False)],
+    models: Annotated[List[Path], typer.Argument(help="Run folders from `train` (one bundle, an ensemble when several), or ONE foreign .keras/.h5 file, SavedModel folder or .onnx file (PyTorch or any framework: wrapped unchanged, see docs/pytorch.md).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (or, for a foreign model, a single .onnx file).", show_default=False)],
     weights: Annotated[Optional[str], typer.Option(help="Ensemble weights, comma-separated, one per run (default equal).", show_default=False)] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also write int8 members (static quantization; the fastest recipe that meets the tolerance), checked against fp32.")] = False,
@@ -40,6 +40,9 @@ def export_command(
     std: Annotated[Optional[str], typer.Option(help="Foreign model: per-channel std to divide by, e.g. 0.229,0.224,0.225.", show_default=False)] = None,
     high_bit_depth: Annotated[str, typer.Option(help="Foreign model: 16-bit pixels to 0..255 by min_max or full_range.")] = "min_max",
     dicom_voi: Annotated[str, typer.Option(help="Foreign model: DICOM grey levels by the file's own VOI LUT/window (file) or by min_max. See docs/inputs.md.")] = "file",
+    layout: Annotated[str, typer.Option(help="Foreign .onnx model: input layout, NCHW (PyTorch) or NHWC (Keras/TensorFlow).", case_sensitive=False)] = "NHWC",
+    heatmap: Annotated[bool, typer.Option(help="Add Grad-CAM heatmap outputs to each graph (checked against TensorFlow's GradientTape Grad-CAM; for a foreign .onnx, when the head is global-average-pool + linear). Without them, explain/--heatmaps say 'not available'.")] = True,
+    heatmap_layer: Annotated[Optional[str], typer.Option(help="Keras models: the feature layer to explain, by name (also inside a nested backbone). Default: the last layer with a 4-D output.", show_default=False)] = None,
     labels: Annotated[str, typer.Option(help="Foreign model: label names in output order, comma-separated.")] = "NORMAL,PNEUMONIA",
     head: Annotated[str, typer.Option(help="Foreign model: sigmoid (1 unit, p of the 2nd label), softmax (N units), or logits (raw; sigmoid/softmax applied by the runtime).")] = "sigmoid",
     threshold: Annotated[float, typer.Option(help="Foreign binary model: decision threshold to record.")] = 0.5,
@@ -64,12 +67,20 @@ def export_command(
         runs = [m for m in models if is_run_dir(m)]
         if runs and len(runs) != len(models):
             raise ExportError("give either run folders (from `pneumoedge train`) or one foreign model, not a mix")
+        if len(models) == 1 and models[0].suffix.lower() == ".onnx" and not runs:
+            _wrap_onnx(models[0], out, console, progress, size=size, color=color, resize=resize, scale=scale, offset=offset,
+                       mean=mean, std=std, high_bit_depth=high_bit_depth, dicom_voi=dicom_voi, layout=layout, labels=labels,
+                       head=head, images=images, threshold=threshold, heatmap=heatmap, int8=int8, calibration=calibration,
+                       int8_options=dict(tolerance=tol8, recipe=recipe, calibrate_method=calibration_method, search=not no_search, on_fail=on_fail),
+                       name=name)
+            return
         if runs:
             weight_list = [float(w) for w in parse_floats(weights, "--weights")] if weights else None
             result = export_runs(
                 runs, out, weights=weight_list, int8=int8, calibration=calibration, images=images,
                 parity_tolerance=tolerance, int8_tolerance=tol8, recipe=recipe, calibrate_method=calibration_method,
                 search=not no_search, on_fail=on_fail, threshold_method=threshold_method, name=name, progress=progress,
+                heatmaps=heatmap, heatmap_layer=heatmap_layer,
             )
         else:
             if len(models) != 1:
@@ -85,6 +96,7 @@ def export_command(
                 models[0], out, spec=spec, labels=label_list, head=head, images=images, parity_tolerance=tolerance,
                 int8=int8, calibration=calibration, int8_tolerance=tol8, recipe=recipe, calibrate_method=calibration_method,
                 on_fail=on_fail, threshold=threshold, name=name, progress=progress,
+                heatmaps=heatmap, heatmap_layer=heatmap_layer,
             )
         if isinstance(result, ExportResult):
             console.print(f"wrote [bold]{result.onnx_path}[/] ({result.size_bytes / 1024:.0f} KB, {result.nodes} nodes); "
@@ -111,6 +123,46 @@ def export_command(
         if m:
             console.print(f"{key}: accuracy {m['accuracy']:.3f}, ROC AUC {m['roc_auc'] if m['roc_auc'] is None else round(m['roc_auc'], 3)}")
     console.print(f"report: {report}")
+
+
+def _wrap_onnx(source: Path, out: Path, console: Console, progress, *, size, color, resize, scale, offset, mean, std,
+               high_bit_depth, dicom_voi, layout, labels, head, images, threshold, heatmap, int8, calibration, int8_options, name) -> None:
+    """A foreign .onnx: check it against the declared spec and wrap it unchanged (pneumoedge.export.onnx_wrap)."""
+    from pneumoedge.export.onnx_export import parse_floats, parse_scale
+    from pneumoedge.export.onnx_wrap import export_onnx
+    from pneumoedge.preprocessing import PreprocessSpec
+
+    if not size:
+        raise ExportError(f"{source}: declare the preprocessing its training used, at least --size H W and --layout (see --help, docs/pytorch.md)")
+    spec = PreprocessSpec(
+        height=size[0], width=size[1], color=color, resize=resize, scale=parse_scale(scale), offset=offset,
+        mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), high_bit_depth=high_bit_depth,
+        dicom_voi=dicom_voi, layout=layout.upper(),
+    )
+    label_list = [x.strip() for x in labels.split(",") if x.strip()]
+    result, manifest, quantized = export_onnx(
+        source, out, spec=spec, labels=label_list, head=head, images=images, threshold=threshold, heatmap=heatmap,
+        int8=int8, calibration=calibration, int8_options=int8_options, name=name, progress=progress,
+    )
+    eq = result.equality
+    console.print(f"wrapped [bold]{source}[/] (opset {result.opset}, batch {'fixed 1' if result.fixed_batch else 'dynamic'}): "
+                  f"graph unchanged except metadata{' and heatmap outputs' if result.explain else ''} ({eq['graph_unchanged']}); "
+                  f"output identical bit for bit on {eq['tensors']} tensors ({eq['identical']}, {eq['source']})", highlight=False)
+    console.print(result.heatmap_note, highlight=False)
+    if quantized is not None and quantized.chosen is not None:
+        c = quantized.chosen
+        console.print(f"int8: {c.recipe.name}: max diff {c.max_prob_diff:.4f}, agreement {c.agreement:.3f}, {c.latency_ms:.2f} ms "
+                      f"(fp32 {quantized.fp32_latency_ms:.2f} ms){'; ' + '; '.join(quantized.warnings) if quantized.warnings else ''}", highlight=False)
+    if result.sample_probabilities:
+        table = Table(title="probabilities of a few of your images (compare with your own pipeline)", title_justify="left")
+        table.add_column("file")
+        for label in result.card.labels:
+            table.add_column(label)
+        for file, probs in result.sample_probabilities:
+            table.add_row(Path(file).name, *(f"{probs[label]:.6f}" for label in result.card.labels))
+        console.print(table)
+    where = manifest.root if manifest is not None else result.onnx_path
+    console.print(f"wrote [bold]{where}[/]. Decision support for clinicians only, never a diagnosis.", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
