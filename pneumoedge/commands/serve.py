@@ -86,7 +86,11 @@ def serve(
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run(sockets=[listener])
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
+        pass
+    stderr.print("pneumoedge serve: stopped")
 
 
 def load_model(model, device: str, precision: str, threads: int):

@@ -84,6 +84,10 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)  # browsers ask for one; nothing to fetch from elsewhere
+
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}

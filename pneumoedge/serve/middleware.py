@@ -24,7 +24,7 @@ log = logging.getLogger("pneumoedge.serve.access")
 #: Paths answered without a token: they say only whether the process is up and ready.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 #: Paths logged by name; anything else is logged as "other" (a path can carry a file name).
-LOGGED_PATHS = frozenset({"/", "/healthz", "/readyz", "/api/v1/predict", "/api/v1/model", "/api/v1/openapi.json"})
+LOGGED_PATHS = frozenset({"/", "/favicon.ico", "/healthz", "/readyz", "/api/v1/predict", "/api/v1/model", "/api/v1/openapi.json"})
 
 # Only this origin: the page's own script, style and API. Images may also be blob: (the
 # thumbnails of the user's own files, made in the browser) and data: (heatmap overlays

@@ -1,0 +1,99 @@
+"""The page driven as a person would: the real `pneumoedge serve` process, Debian's Chromium, Playwright.
+
+Skips only where Chromium is not installed, and fails instead under CI (tests/system_tools.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.serve_helpers import EXAMPLES, REPO, start_server, stop_server
+from tests.system_tools import require_program
+
+TOKEN = "browser-token-0123456789abcdef"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless=new",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+]
+
+
+def _infer_label(image: Path, tmp_path: Path) -> dict:
+    """`pneumoedge infer` on the same file, in its own process, as a user would run it."""
+    out = tmp_path / "infer.jsonl"
+    subprocess.run([sys.executable, "-m", "pneumoedge", "infer", str(image), "--out", str(out)], check=True, cwd=REPO, capture_output=True)
+    return json.loads(out.read_text().splitlines()[0])
+
+
+def test_page_in_chromium_gives_infers_label_and_reports_bad_files(tmp_path: Path) -> None:
+    chromium = require_program("chromium", install_hint="apt-get install -y --no-install-recommends chromium chromium-driver")
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is in the [dev] extra")
+    image = EXAMPLES / "example_01.jpeg"
+    expected = _infer_label(image, tmp_path)
+    fake = tmp_path / "letter.png"
+    fake.write_bytes(b"%PDF-1.4\n% a letter, named like an image\n")
+    process, url = start_server("--host", "127.0.0.1", log_path=tmp_path / "serve.log", env={"PNEUMOEDGE_SERVE_TOKEN": TOKEN})
+    requests: list[str] = []
+    console_errors: list[str] = []
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                context = browser.new_context(http_credentials={"username": "radiographer", "password": TOKEN}, viewport={"width": 1200, "height": 900})
+                page = context.new_page()
+                page.on("request", lambda r: requests.append(r.url))
+                page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: console_errors.append(f"uncaught: {e}"))
+                page.goto(url + "/")
+                # The model's identity and the notice are there before anything is uploaded.
+                expect = playwright.expect  # locator waits: the CSP forbids evaluating strings in the page
+                expect(page.locator("#model-name")).not_to_have_text("loading…", timeout=15000)
+                identity = page.locator("#model-identity").inner_text()
+                assert "pneumoedge-default-demo" in identity and "cnn3_gray150" in identity
+                assert "synthetic phantoms" in identity
+                assert "Decision support, not a diagnosis." in page.locator("header").inner_text()
+                # Choose the files by the input's label, as a screen reader user would find it.
+                page.get_by_label("Choose X-ray images").set_input_files([str(image), str(fake)])
+                items = page.locator("#results > li")
+                expect(items).to_have_count(2)
+                expect(page.locator("#results [data-status=pending]")).to_have_count(0, timeout=60000)
+                good, bad = items.nth(0), items.nth(1)
+                assert good.get_attribute("data-status") == "ok"
+                label_text = good.locator(".label").inner_text()
+                assert label_text.split(" ")[0] == expected["label"]
+                assert f"{100 * expected['probability']:.1f} %" in label_text
+                assert good.locator(".bar-row").count() == 2
+                if expected["disagreement"] >= 0.2:
+                    assert "disagree" in good.inner_text()
+                assert good.locator("img").first.get_attribute("alt") == "Preview of example_01.jpeg"
+                assert bad.get_attribute("data-status") == "error"
+                assert "PDF" in bad.locator("[role=alert]").inner_text()
+                expect(page.locator("#progress")).to_have_text("2 of 2 images done")
+                screenshot = tmp_path / "serve-page.png"
+                page.screenshot(path=str(screenshot), full_page=True)
+                assert screenshot.stat().st_size > 10_000
+                if os.environ.get("PNEUMOEDGE_SERVE_SCREENSHOT"):  # to refresh docs/serve-screenshot.png
+                    shutil.copy(screenshot, os.environ["PNEUMOEDGE_SERVE_SCREENSHOT"])
+            finally:
+                browser.close()
+    finally:
+        code = stop_server(process)
+    log = (tmp_path / "serve.log").read_text(errors="replace")
+    assert code == 0, log
+    assert requests and all(r.startswith(url + "/") or r.startswith("blob:" + url) or r.startswith("data:") for r in requests), requests
+    # A CSP violation or a script error would show here; the PDF's 415 is the one expected line.
+    unexpected = [e for e in console_errors if "status of 415" not in e]
+    assert unexpected == [], console_errors
+    assert "status=200 files=1" in log and "example_01" not in log and "letter" not in log
