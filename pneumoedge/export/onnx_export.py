@@ -16,7 +16,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -24,6 +24,18 @@ import numpy as np
 
 from pneumoedge.bundle import ONNX_METADATA_KEY, ModelCard
 from pneumoedge.export.errors import ExportError, ParityError
+from pneumoedge.export.gradcam import (
+    DEFAULT_MIN_CORRELATION,
+    FEATURES_OUTPUT,
+    HEATMAP_OUTPUT,
+    ExplainedModel,
+    HeatmapReport,
+    HeatmapUnavailable,
+    compare_maps,
+    explain_model,
+    gradcam_reference,
+    score_description,
+)
 from pneumoedge.imageio import IMAGE_SUFFIXES, ImageError
 from pneumoedge.preprocessing import PreprocessSpec, preprocess
 
@@ -66,6 +78,10 @@ class ExportResult:
     size_bytes: int
     seconds: float
     nodes: int
+    #: ONNX heatmaps vs TensorFlow's Grad-CAM; None when the graph carries no heatmaps.
+    heatmap: Optional[HeatmapReport] = None
+    #: Why the graph carries no heatmaps ("" when it does).
+    heatmap_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +91,8 @@ class ExportResult:
             "size_bytes": self.size_bytes,
             "seconds": round(self.seconds, 3),
             "nodes": self.nodes,
+            "heatmap": self.heatmap.to_dict() if self.heatmap else None,
+            "heatmap_note": self.heatmap_note,
         }
 
 
@@ -324,8 +342,20 @@ def _check_probabilities(probs: np.ndarray, head: str) -> None:
 # conversion and parity
 
 
-def convert(model: KerasModel, spec: PreprocessSpec, out_path: Union[str, Path], card: ModelCard, *, opset: int = DEFAULT_OPSET) -> Path:
-    """Convert to ONNX (dynamic batch, input named "input"), storing `card` in metadata_props."""
+def convert(
+    model: KerasModel,
+    spec: PreprocessSpec,
+    out_path: Union[str, Path],
+    card: ModelCard,
+    *,
+    opset: int = DEFAULT_OPSET,
+    explained: Optional[ExplainedModel] = None,
+) -> Path:
+    """Convert to ONNX (dynamic batch, input named "input"), storing `card` in metadata_props.
+
+    With `explained`, the graph has two more outputs after the class output: the heatmap
+    (`pneumoedge_heatmap`, N x h x w) and the pooled features (`pneumoedge_features`, N x C).
+    """
     import onnx
     import tensorflow as tf
     import tf2onnx
@@ -333,18 +363,73 @@ def convert(model: KerasModel, spec: PreprocessSpec, out_path: Union[str, Path],
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     signature = (tf.TensorSpec((None, *spec.input_shape), tf.float32, name="input"),)
-    function = tf.function(lambda x: model.call(x))
+    function = tf.function(explained.call if explained is not None else (lambda x: model.call(x)))
     try:
         proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
     except Exception as exc:  # tf2onnx raises many kinds of errors for unsupported graphs
         raise ExportError(f"tf2onnx could not convert {model.description}: {type(exc).__name__}: {exc}") from None
-    if len(proto.graph.output) != 1:
-        raise ExportError(f"the converted model has {len(proto.graph.output)} outputs; expected one")
+    expected = 3 if explained is not None else 1
+    if len(proto.graph.output) != expected:
+        raise ExportError(f"the converted model has {len(proto.graph.output)} outputs; expected {expected}")
+    if explained is not None:
+        _rename_output(proto, proto.graph.output[1].name, HEATMAP_OUTPUT)
+        _rename_output(proto, proto.graph.output[2].name, FEATURES_OUTPUT)
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(card.to_dict())})
     proto.doc_string = f"pneumoedge export of {model.description}; labels {', '.join(card.labels)}"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
     return out
+
+
+def _rename_output(proto: Any, old: str, new: str) -> None:
+    for node in proto.graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+        node.input[:] = [new if name == old else name for name in node.input]
+    for output in proto.graph.output:
+        if output.name == old:
+            output.name = new
+
+
+def run_heatmaps(session: Any, tensors: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """The `pneumoedge_heatmap` output of a session over (N, ...) tensors: (N, h, w)."""
+    name = session.get_inputs()[0].name
+    maps = []
+    for start in range(0, len(tensors), batch_size):
+        batch = np.ascontiguousarray(tensors[start : start + batch_size], dtype=np.float32)
+        maps.append(session.run([HEATMAP_OUTPUT], {name: batch})[0])
+    return np.concatenate(maps)
+
+
+def check_heatmaps(
+    explained: ExplainedModel,
+    onnx_path: Union[str, Path],
+    tensors: np.ndarray,
+    labels: int,
+    *,
+    threshold: float = DEFAULT_MIN_CORRELATION,
+) -> HeatmapReport:
+    """Per-image Pearson correlation of the ONNX heatmaps with TensorFlow's GradientTape Grad-CAM."""
+    reference = gradcam_reference(explained, tensors, labels)
+    maps = run_heatmaps(onnx_session(onnx_path), tensors)
+    return compare_maps(maps, reference, explained.layer, threshold)
+
+
+def int8_heatmap_check(
+    fp32_path: Union[str, Path], int8_path: Union[str, Path], tensors: np.ndarray, *, threshold: float = DEFAULT_MIN_CORRELATION
+) -> dict[str, Any]:
+    """An int8 member's heatmaps against its fp32 graph's: the card entry's "int8_check".
+
+    When they do not correlate well enough, the runtime asks the fp32 graph for the map.
+    """
+    layer = "int8 vs fp32"
+    report = compare_maps(run_heatmaps(onnx_session(int8_path), tensors), run_heatmaps(onnx_session(fp32_path), tensors), layer, threshold)
+    return {
+        "min_correlation": round(report.min_correlation, 6),
+        "mean_correlation": round(report.mean_correlation, 6),
+        "images": report.images,
+        "threshold": threshold,
+        "heatmap_from": "int8" if report.ok else "fp32",
+    }
 
 
 def check_parity(
@@ -384,6 +469,9 @@ def export_keras(
     tolerance: float = DEFAULT_PARITY_TOLERANCE,
     opset: int = DEFAULT_OPSET,
     parity_count: int = 32,
+    heatmaps: bool = True,
+    heatmap_layer: Optional[str] = None,
+    heatmap_correlation: float = DEFAULT_MIN_CORRELATION,
 ) -> ExportResult:
     """Export one Keras model to ONNX and prove parity on real preprocessed images.
 
@@ -396,9 +484,14 @@ def export_keras(
         images: folder of images for the parity check; generated phantoms when None.
         tolerance: the largest accepted |p_keras - p_onnx|; beyond it `ParityError` is raised
             and the ONNX file is removed.
+        heatmaps: add Grad-CAM heatmap and pooled-feature outputs (`pneumoedge.export.gradcam`)
+            when the model's structure allows; otherwise say why and export the classifier.
+        heatmap_layer: the feature layer by name (default: the last 4-D activation).
+        heatmap_correlation: the smallest accepted per-image Pearson correlation between the
+            ONNX heatmaps and TensorFlow's Grad-CAM; below it `ParityError` is raised.
 
     Returns:
-        ExportResult with the parity report.
+        ExportResult with the parity report (and the heatmap check).
     """
     started = time.perf_counter()
     model = load_keras(source)
@@ -407,7 +500,12 @@ def export_keras(
     raw = model.predict(tensors[:8])
     card = card_for(spec, labels, head, raw.shape[1])
     _check_probabilities(raw, head)
-    out = convert(model, spec, out_path, card, opset=opset)
+    explained, note = None, "heatmaps not asked for"
+    if heatmaps or heatmap_layer:
+        explained, note = _explained(model, labels, heatmap_layer)
+    if explained is not None:
+        card = replace(card, explain=explained.card_entry(score_description(labels, raw.shape[1])))
+    out = convert(model, spec, out_path, card, opset=opset, explained=explained)
     parity = check_parity(model, out, tensors, card.activation, tolerance=tolerance, source=described)
     log.info("parity on %s: max |p_keras - p_onnx| = %.3g", described, parity.max_abs_diff)
     if not parity.ok:
@@ -416,10 +514,39 @@ def export_keras(
             f"{model.description}: ONNX output differs from Keras by up to {parity.max_abs_diff:.3g} "
             f"(tolerance {tolerance:g}) on {described}; the ONNX file was not kept"
         )
+    report = None
+    if explained is not None:
+        report = check_heatmaps(explained, out, tensors, len(labels), threshold=heatmap_correlation)
+        log.info("heatmaps at %s: min Pearson r vs TensorFlow Grad-CAM = %.6f", report.layer, report.min_correlation)
+        if not report.ok:
+            out.unlink(missing_ok=True)
+            raise ParityError(
+                f"{model.description}: ONNX heatmaps at {report.layer} correlate with TensorFlow's Grad-CAM only "
+                f"r = {report.min_correlation:.4f} on one image (need {heatmap_correlation}); the ONNX file was not kept"
+            )
+        note = ""
     import onnx
 
     nodes = len(onnx.load(str(out)).graph.node)
-    return ExportResult(out, card, parity, out.stat().st_size, time.perf_counter() - started, nodes)
+    return ExportResult(out, card, parity, out.stat().st_size, time.perf_counter() - started, nodes, report, note)
+
+
+def _explained(model: KerasModel, labels: Sequence[str], layer: Optional[str]) -> tuple[Optional[ExplainedModel], str]:
+    """The model split for heatmaps, or None and the reason (a named layer that fails is an error)."""
+    if model.keras_model is None:
+        note = "heatmaps not available: a SavedModel has no Keras layers to find the feature layer in"
+        if layer:
+            raise ExportError(f"--heatmap-layer {layer}: {note}")
+        log.warning("%s", note)
+        return None, note
+    try:
+        return explain_model(model.keras_model, len(labels), layer), ""
+    except HeatmapUnavailable as exc:
+        if layer:
+            raise ExportError(str(exc)) from None
+        note = f"heatmaps not available: {exc}"
+        log.warning("%s: %s", model.description, note)
+        return None, note
 
 
 def parse_scale(text: Union[str, float]) -> float:

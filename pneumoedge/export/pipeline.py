@@ -28,6 +28,7 @@ from pneumoedge.export.onnx_export import (
     class_probabilities,
     export_keras,
     image_files,
+    int8_heatmap_check,
     load_tensors,
     onnx_session,
     run_onnx,
@@ -118,6 +119,8 @@ def export_runs(
     threshold_method: Optional[str] = None,
     name: Optional[str] = None,
     provenance: Optional[dict[str, Any]] = None,
+    heatmaps: bool = True,
+    heatmap_layer: Optional[str] = None,
     progress: Progress = _quiet,
 ) -> BundleResult:
     """Export trained runs to one ensemble bundle, parity-checked, optionally with int8 members.
@@ -169,11 +172,16 @@ def export_runs(
             result = export_keras(
                 run.run_dir, work / f"{member_name}.fp32.onnx", spec=run.spec, labels=labels,
                 head=run.record.get("head", "sigmoid"), images=parity_dir, tolerance=parity_tolerance,
+                heatmaps=heatmaps, heatmap_layer=heatmap_layer,
             )
             steps[f"export {member_name}"] = time.perf_counter() - t
             progress(f"  parity max |p_keras - p_onnx| = {result.parity.max_abs_diff:.2e} on {result.parity.source}")
             members.append(MemberReport(member_name, result, weight))
-            sources.append(MemberSource(result.onnx_path, member_name, run.spec, "fp32", weight, result.card.activation))
+            sources.append(MemberSource(result.onnx_path, member_name, run.spec, "fp32", weight, result.card.activation, result.card.explain))
+            if result.heatmap is not None:
+                progress(f"  heatmaps at {result.heatmap.layer}: min Pearson r vs TensorFlow Grad-CAM {result.heatmap.min_correlation:.6f}")
+            elif result.heatmap_note:
+                progress(f"  {result.heatmap_note}")
 
         threshold_info = None
         metrics: dict[str, Any] = {}
@@ -223,7 +231,12 @@ def export_runs(
                 )
                 for warning in q.warnings:
                     progress(f"  warning: {warning}")
-                sources.append(MemberSource(q.int8_path, member.name, run.spec, "int8", member.weight, member.export.card.activation))
+                explain = member.export.card.explain
+                if explain:
+                    check = int8_heatmap_check(member.export.onnx_path, q.int8_path, x_eval if x_eval is not None else calib)
+                    explain = {**explain, "int8_check": check}
+                    progress(f"  int8 heatmaps vs fp32: min Pearson r {check['min_correlation']:.4f}; maps from the {check['heatmap_from']} graph")
+                sources.append(MemberSource(q.int8_path, member.name, run.spec, "int8", member.weight, member.export.card.activation, explain))
             if val_files:
                 p_int8 = _ensemble_probs([m.int8.int8_path for m in members], weights, activations, val_tensors)
                 metrics["validation_int8"] = classification_metrics(y_val, p_int8, labels, threshold)
@@ -326,6 +339,8 @@ def export_foreign(
     on_fail: str = "warn",
     threshold: float = 0.5,
     name: Optional[str] = None,
+    heatmaps: bool = True,
+    heatmap_layer: Optional[str] = None,
     progress: Progress = _quiet,
 ) -> BundleResult | ExportResult:
     """Export a Keras model pneumoedge did not train, with its spec declared.
@@ -346,14 +361,24 @@ def export_foreign(
         if int8:
             raise ExportError("--int8 needs a bundle folder as --out (a bundle holds the fp32 and int8 members)")
         progress(f"exporting {model} to {out} (parity check)")
-        return export_keras(model, out, spec=spec, labels=labels, head=head, images=images, tolerance=parity_tolerance)
+        return export_keras(
+            model, out, spec=spec, labels=labels, head=head, images=images, tolerance=parity_tolerance,
+            heatmaps=heatmaps, heatmap_layer=heatmap_layer,
+        )
     member_name = name or Path(model).stem
     with tempfile.TemporaryDirectory(prefix="pneumoedge-export-") as tmp:
         progress(f"exporting {model} to ONNX (parity check)")
-        result = export_keras(model, Path(tmp) / "model.onnx", spec=spec, labels=labels, head=head, images=images, tolerance=parity_tolerance)
+        result = export_keras(
+            model, Path(tmp) / "model.onnx", spec=spec, labels=labels, head=head, images=images, tolerance=parity_tolerance,
+            heatmaps=heatmaps, heatmap_layer=heatmap_layer,
+        )
         progress(f"  parity max |p_keras - p_onnx| = {result.parity.max_abs_diff:.2e} on {result.parity.source}")
+        if result.heatmap is not None:
+            progress(f"  heatmaps at {result.heatmap.layer}: min Pearson r vs TensorFlow Grad-CAM {result.heatmap.min_correlation:.6f}")
+        elif result.heatmap_note:
+            progress(f"  {result.heatmap_note}")
         member = MemberReport(member_name, result, 1.0)
-        sources = [MemberSource(result.onnx_path, member_name, spec, "fp32", 1.0, result.card.activation)]
+        sources = [MemberSource(result.onnx_path, member_name, spec, "fp32", 1.0, result.card.activation, result.card.explain)]
         if int8:
             source = calibration or images
             if source is None:
@@ -362,7 +387,10 @@ def export_foreign(
             calib = load_tensors(image_files(source, limit=64), spec)
             q = quantize_int8(result.onnx_path, Path(tmp) / "model.int8.onnx", calib, threshold=threshold, tolerance=int8_tolerance, recipe=recipe, calibrate_method=calibrate_method, on_fail=on_fail)
             member.int8 = q
-            sources.append(MemberSource(q.int8_path, member_name, spec, "int8", 1.0, result.card.activation))
+            explain = result.card.explain
+            if explain:
+                explain = {**explain, "int8_check": int8_heatmap_check(result.onnx_path, q.int8_path, calib)}
+            sources.append(MemberSource(q.int8_path, member_name, spec, "int8", 1.0, result.card.activation, explain))
         record = {
             "created_by": "pneumoedge export (foreign model, spec declared by the user)",
             "source_model": str(model),

@@ -5,17 +5,22 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
 
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from pneumoedge.explain import Explanation
+from pneumoedge.explain.maps import combine as combine_maps
+from pneumoedge.explain.maps import original_size, work_grid
+from pneumoedge.explain.overlay import to_display_gray
 from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, Manifest, ModelCard, card_from_metadata, read_manifest
 from pneumoedge.imageio import ImageError, ImageSource, read_bytes
 from pneumoedge.preprocessing import read_for, to_tensor
@@ -51,6 +56,20 @@ class Prediction:
     overlay_path: str = ""
     #: The heatmap, when predicted with `explain=True` (see `pneumoedge.explain`).
     explanation: Optional[Any] = field(default=None, repr=False, compare=False)
+
+    @property
+    def heatmap(self) -> Optional[np.ndarray]:
+        """float32 (height, width) of the original image, 0..1; None unless predicted with explain=True."""
+        return None if self.explanation is None else self.explanation.heatmap
+
+    def overlay(self, max_side: int = 1024) -> np.ndarray:
+        """uint8 RGB: the X-ray with the heatmap, a legend, the result and the decision-support notice.
+
+        Raises ValueError when this prediction has no heatmap (see `Ensemble.explain_note`).
+        """
+        if self.explanation is None:
+            raise ValueError(f"{self.source}: no heatmap (predict with explain=True, on a model whose graphs carry heatmaps)")
+        return self.explanation.overlay(max_side)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,13 +112,34 @@ class LoadedMember:
     def dynamic_batch(self) -> bool:
         return not isinstance(self.session.get_inputs()[0].shape[0], int)
 
+    @property
+    def output_name(self) -> str:
+        return self.session.get_outputs()[0].name
+
+    @property
+    def heatmap_output(self) -> Optional[str]:
+        """The graph's heatmap output, when its card names one that exists."""
+        name = (self.card.explain or {}).get("heatmap_output")
+        return name if name and name in {o.name for o in self.session.get_outputs()} else None
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run a batch of tensors; return (N, K) probabilities (activation applied)."""
+        return self._probabilities(self._run([self.output_name], batch)[0], len(batch))
+
+    def run_explained(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, K) probabilities and (N, h, w) raw heatmaps, from one run of the graph."""
+        raw, maps = self._run([self.output_name, self.heatmap_output], batch)
+        return self._probabilities(raw, len(batch)), np.asarray(maps, dtype=np.float32)
+
+    def _run(self, names: list, batch: np.ndarray) -> list:
+        # Only the named outputs are copied out: plain runs never fetch the heatmaps.
         if self.dynamic_batch:
-            raw = self.session.run(None, {self.input_name: batch})[0]
-        else:
-            raw = np.concatenate([self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(len(batch))])
-        raw = np.asarray(raw, dtype=np.float64).reshape(len(batch), -1)
+            return self.session.run(names, {self.input_name: batch})
+        parts = [self.session.run(names, {self.input_name: batch[i : i + 1]}) for i in range(len(batch))]
+        return [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
+
+    def _probabilities(self, raw: np.ndarray, count: int) -> np.ndarray:
+        raw = np.asarray(raw, dtype=np.float64).reshape(count, -1)
         if self.card.activation == "sigmoid":
             raw = 1.0 / (1.0 + np.exp(-raw))
         elif self.card.activation == "softmax":
@@ -164,6 +204,8 @@ class Ensemble:
         self._weights = np.array([m.weight for m in members], dtype=np.float64)
         self._weights /= self._weights.sum()
         self._decode_keys = sorted({m.card.spec.decode_key for m in members})
+        self._explain_lock = threading.Lock()
+        self._map_sources: dict[str, tuple[Optional[LoadedMember], str]] = {}
 
     @property
     def provider(self) -> str:
@@ -207,14 +249,34 @@ class Ensemble:
             provider=self.provider,
         )
 
-    def predict(self, source: ImageSource) -> Prediction:
+    @property
+    def name(self) -> str:
+        return self.manifest.name if self.manifest is not None else "+".join(m.name for m in self.members)
+
+    @property
+    def can_explain(self) -> bool:
+        """Whether `predict(..., explain=True)` gives heatmaps (some member's graph carries them)."""
+        return any(m.heatmap_output is not None for m in self.members)
+
+    @property
+    def explain_note(self) -> str:
+        """Why heatmaps are missing, for all or some members ("" when every member has them)."""
+        missing = [m.name for m in self.members if m.heatmap_output is None]
+        if not missing:
+            return ""
+        if len(missing) == len(self.members):
+            return ("heatmaps not available for this model: its ONNX graphs carry no heatmap output "
+                    "(export with pneumoedge's heatmaps, from a Keras model whose head allows them)")
+        return f"heatmaps come from {len(self.members) - len(missing)} of {len(self.members)} members; without: {', '.join(missing)}"
+
+    def predict(self, source: ImageSource, *, explain: bool = False) -> Prediction:
         """Predict one image (path, encoded bytes, or a uint8/uint16 pixel array).
 
+        With `explain`, the prediction also carries the heatmap (`Prediction.heatmap`,
+        `Prediction.overlay()`) when the model can give one (`can_explain`).
         Raises `ImageError` when the input cannot be read.
         """
-        tensors = self.tensors(self.decode(source))
-        probs = self.run_tensors([t[None] for t in tensors])
-        return self.combine(_name_of(source), probs[:, 0])
+        return self._finish([(_name_of(source), self._prepare(source, explain))], explain)[0]
 
     def predict_many(
         self,
@@ -223,6 +285,8 @@ class Ensemble:
         batch_size: int = 8,
         workers: Optional[int] = None,
         runners: Optional[int] = None,
+        explain: bool = False,
+        postprocess: Optional[Callable[[Prediction], Prediction]] = None,
     ) -> Iterator[Prediction]:
         """Predict a stream of inputs in order, one Prediction each; unreadable ones get status "error".
 
@@ -234,6 +298,8 @@ class Ensemble:
         `runners` defaults to one per core divided by the sessions' intra-op threads: with
         `threads=1`, each core runs its own batch, which beat one batch on all cores by 10-35%
         for folders on a 2-core CPU (benchmarks/RESULTS.md); with the default threads, one.
+        `explain` adds heatmaps; `postprocess` (e.g. writing an overlay) runs on each ok
+        prediction in the runner threads, so it overlaps the other batches' work.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -247,10 +313,10 @@ class Ensemble:
 
             def refill() -> None:
                 while len(chunks) < runners + 1:
-                    chunk = [(_name_of(s), decode.submit(self._prepare, s)) for s in itertools.islice(iterator, batch_size)]
+                    chunk = [(_name_of(s), decode.submit(self._prepare, s, explain)) for s in itertools.islice(iterator, batch_size)]
                     if not chunk:
                         return
-                    chunks.append(run.submit(self._run_chunk, chunk))
+                    chunks.append(run.submit(self._run_chunk, chunk, explain, postprocess))
 
             refill()
             while chunks:
@@ -258,23 +324,83 @@ class Ensemble:
                 refill()  # keep decoders and runners busy while this batch is handed out
                 yield from done.result()
 
-    def _prepare(self, source: ImageSource) -> list[np.ndarray]:
-        return self.tensors(self.decode(source))
+    def _prepare(self, source: ImageSource, explain: bool = False) -> "_Prepared":
+        if not explain:
+            return _Prepared(self.tensors(self.decode(source)), None)
+        data = read_bytes(source) if isinstance(source, (str, Path)) else source
+        decoded = self.decode(data)
+        key = max(decoded, key=lambda k: decoded[k].size)  # the finest decode is what the overlay shows
+        size = original_size(data if isinstance(data, bytes) else None, decoded[key], key[0])
+        return _Prepared(self.tensors(decoded), (to_display_gray(decoded[key]), size))
 
-    def _run_chunk(self, chunk: list[tuple[str, Future]]) -> list[Prediction]:
-        ready: list[tuple[int, list[np.ndarray]]] = []
+    def _run_chunk(
+        self, chunk: list[tuple[str, Future]], explain: bool = False, postprocess: Optional[Callable[[Prediction], Prediction]] = None
+    ) -> list[Prediction]:
+        ready: list[tuple[int, tuple[str, _Prepared]]] = []
         results: list[Optional[Prediction]] = [None] * len(chunk)
         for index, (name, future) in enumerate(chunk):
             try:
-                ready.append((index, future.result()))
+                ready.append((index, (name, future.result())))
             except ImageError as exc:
                 results[index] = Prediction(source=name, status="error", error=str(exc))
         if ready:
-            batches = [np.stack([tensors[k] for _, tensors in ready]) for k in range(len(self.members))]
-            probs = self.run_tensors(batches)
-            for position, (index, _) in enumerate(ready):
-                results[index] = self.combine(chunk[index][0], probs[:, position])
+            for (index, _), prediction in zip(ready, self._finish([item for _, item in ready], explain)):
+                results[index] = postprocess(prediction) if postprocess is not None else prediction
         return results  # type: ignore[return-value]
+
+    def _finish(self, items: list[tuple[str, "_Prepared"]], explain: bool) -> list[Prediction]:
+        """Run the members on prepared inputs and combine each input's results."""
+        batches = [np.stack([prepared.tensors[k] for _, prepared in items]) for k in range(len(self.members))]
+        if not explain:
+            probs = self.run_tensors(batches)
+            return [self.combine(name, probs[:, i]) for i, (name, _) in enumerate(items)]
+        probs, maps = self._run_explained(batches)
+        return [
+            self._explained(self.combine(name, probs[:, i]), [None if m is None else m[i] for m in maps], prepared.view)
+            for i, (name, prepared) in enumerate(items)
+        ]
+
+    def _run_explained(self, batches: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Optional[np.ndarray]]]:
+        probs, maps = [], []
+        for member, batch in zip(self.members, batches):
+            source = self._map_source(member)
+            if source is member:
+                p, heat = member.run_explained(batch)
+            else:
+                p, heat = member.run(batch), (None if source is None else source.run_explained(batch)[1])
+            probs.append(p)
+            maps.append(heat)
+        return np.stack(probs), maps
+
+    def _map_source(self, member: LoadedMember) -> Optional[LoadedMember]:
+        """The graph that gives `member`'s heatmap: itself, its fp32 sibling, or none."""
+        with self._explain_lock:
+            if member.name not in self._map_sources:
+                self._map_sources[member.name] = _map_source_for(self, member)
+            return self._map_sources[member.name][0]
+
+    def map_sources(self) -> dict[str, str]:
+        """Per member, which graph its heatmap comes from (after the first explained prediction)."""
+        for member in self.members:
+            self._map_source(member)
+        return {name: how for name, (_, how) in self._map_sources.items()}
+
+    def _explained(self, prediction: Prediction, cams: Sequence[Optional[np.ndarray]], view: Any) -> Prediction:
+        usable = [(m, cam, w) for m, cam, w in zip(self.members, cams, self._weights) if cam is not None]
+        if not usable or view is None:
+            return prediction
+        display, size = view
+        grid_map = combine_maps(
+            [cam for _, cam, _ in usable], [(m.card.spec.height, m.card.spec.width) for m, _, _ in usable],
+            [float(w) for _, _, w in usable], work_grid(size),
+        )
+        score = str((usable[0][0].card.explain or {}).get("score", "explained score"))
+        line = f"{prediction.label}: p = {prediction.probability:.3f}"
+        if self.threshold is not None:
+            line += f" (threshold {self.threshold:.3f})"
+        caption = (line, f"Model: {self.name} ({len(self.members)} members). Colour: what raised the {score}.")
+        explanation = Explanation(grid_map, size, display, self.map_sources(), score, caption, ood=prediction.ood)
+        return replace(prediction, explanation=explanation)
 
     def describe(self) -> dict[str, Any]:
         """What this ensemble is: members, specs, labels, threshold, providers."""
@@ -296,6 +422,34 @@ class Ensemble:
                 for m in self.members
             ],
         }
+
+
+class _Prepared(NamedTuple):
+    """One input ready to run: each member's tensor, and for explain (display pixels, original size)."""
+
+    tensors: list
+    view: Optional[tuple[np.ndarray, tuple[int, int]]]
+
+
+def _map_source_for(ensemble: Ensemble, member: LoadedMember) -> tuple[Optional[LoadedMember], str]:
+    """An int8 member whose maps did not correlate with fp32's at export gets its fp32 sibling's maps."""
+    if member.heatmap_output is None:
+        return None, "no heatmap output"
+    if member.precision != "int8":
+        return member, f"{member.precision} graph"
+    check = (member.card.explain or {}).get("int8_check") or {}
+    if check.get("heatmap_from") == "int8":
+        return member, f"int8 graph (r >= {check.get('min_correlation', 0):.3f} vs fp32 at export)"
+    sibling = None
+    if ensemble.manifest is not None:
+        sibling = next((e for e in ensemble.manifest.members if e.name == member.name and e.precision == "fp32"), None)
+    if sibling is None:
+        return member, "int8 graph (not checked against fp32)"
+    device = "cuda" if member.provider == "CUDAExecutionProvider" else "cpu"
+    session = _open(sibling.path, device, ensemble.threads)
+    fp32 = LoadedMember(sibling.name, sibling.weight, sibling.card, session, str(sibling.path), "fp32")
+    why = f"r = {check['min_correlation']:.3f} vs fp32 at export" if "min_correlation" in check else "not checked at export"
+    return fp32, f"fp32 graph (int8 maps: {why})"
 
 
 def _spec_with_key(ensemble: Ensemble, key: tuple[int, bool]):

@@ -14,6 +14,9 @@ from typing import Iterator, Optional, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dataclasses import replace
+
+from pneumoedge.explain.overlay import write_png_atomic
 from pneumoedge.imageio import IMAGE_SUFFIXES
 from pneumoedge.runtime.ensemble import Ensemble, Prediction
 from pneumoedge.runtime.results import ResultWriter
@@ -38,6 +41,7 @@ class RunSummary:
     errors: int = 0
     skipped: int = 0
     resumed: int = 0
+    overlays: int = 0
     labels: Counter = field(default_factory=Counter)
     #: The first few failures, (path, reason), for the summary; all of them are in the results.
     first_errors: list = field(default_factory=list)
@@ -149,10 +153,14 @@ def run_folder(
     recursive: bool = True,
     show_progress: bool = False,
     console: Optional[Console] = None,
+    heatmaps: Optional[Path] = None,
+    overlay_side: int = 1024,
 ) -> RunSummary:
     """Predict every image under `inputs`, streaming one row per file to `writer`.
 
     With `resume`, rows already finished in `out` are kept and their files not run again.
+    With `heatmaps` (a folder), each classified image also gets an overlay PNG there, at the
+    input's relative path plus ".png", written atomically; its path goes into the row.
     """
     for root in inputs:
         if not root.exists():
@@ -192,11 +200,16 @@ def run_folder(
     try:
         with progress:
             task = progress.add_task("infer", total=total, rate="")
-            for prediction in ensemble.predict_many(images(), batch_size=batch_size, workers=workers):
+            postprocess = None if heatmaps is None else _overlay_writer(inputs, heatmaps, overlay_side)
+            predictions = ensemble.predict_many(
+                images(), batch_size=batch_size, workers=workers, explain=heatmaps is not None, postprocess=postprocess
+            )
+            for prediction in predictions:
                 writer.write(prediction)
                 if prediction.status == "ok":
                     summary.ok += 1
                     summary.labels[prediction.label] += 1
+                    summary.overlays += bool(prediction.overlay_path)
                 else:
                     summary.failed(prediction.source, prediction.error)
                 elapsed = time.perf_counter() - start
@@ -205,3 +218,31 @@ def run_folder(
         summary.elapsed_s = time.perf_counter() - start
         writer.close()
     return summary
+
+
+def overlay_path(path: Path, inputs: Sequence[Path], folder: Path) -> Path:
+    """Where `path`'s overlay goes: its path below the input folder that holds it, plus ".png"."""
+    resolved = path.resolve()
+    for root in inputs:
+        if root.is_dir():
+            try:
+                relative = resolved.relative_to(root.resolve())
+            except ValueError:
+                continue
+            return folder / relative.parent / f"{relative.name}.png"
+    return folder / f"{path.name}.png"
+
+
+def _overlay_writer(inputs: Sequence[Path], folder: Path, side: int):
+    def write(prediction: Prediction) -> Prediction:
+        if prediction.status != "ok" or prediction.explanation is None:
+            return prediction
+        target = overlay_path(Path(prediction.source), inputs, folder)
+        try:
+            write_png_atomic(target, prediction.overlay(side))
+        except OSError as exc:
+            return replace(prediction, status="error", error=f"classified, but the overlay could not be written to {target}: {exc.strerror or exc}", explanation=None)
+        # The written file is the heatmap's record; the arrays are not kept for the rest of the run.
+        return replace(prediction, overlay_path=str(target), explanation=None)
+
+    return write

@@ -1,0 +1,131 @@
+"""Overlays a clinician can read: the X-ray in grey, the heatmap in colour where it is high.
+
+The colour map is viridis (perceptually uniform, readable with the common colour-vision
+deficiencies; OpenCV's own table, no plotting library at the clinic). Low values are left
+transparent so the anatomy stays visible; a band under the image carries the label, the
+probability, the model's name, a colour legend and the decision-support notice.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import cv2
+import numpy as np
+
+NOTICE = "Decision support, not a diagnosis."
+OOD_WARNING = "Unlike this model's training images: do not rely on this result."
+#: Map values below this are not coloured; the opacity grows from there to `MAX_ALPHA`.
+TRANSPARENT_BELOW = 0.2
+MAX_ALPHA = 0.6
+#: Overlays smaller than this (longest side) are enlarged, so the text stays legible.
+MIN_SIDE = 512
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def to_display_gray(pixels: np.ndarray) -> np.ndarray:
+    """Decoded pixels (uint8, uint16, or DICOM float 0..255, gray or RGB) as uint8 gray.
+
+    DICOM arrives already rendered through the VOI the classifier used; 16-bit images are
+    stretched min..max, as the default spec maps them.
+    """
+    x = np.asarray(pixels)
+    if x.ndim == 3:
+        x = cv2.cvtColor(x.astype(np.float32), cv2.COLOR_RGB2GRAY)
+    if x.dtype == np.uint8:
+        return x
+    x = x.astype(np.float32)
+    if np.asarray(pixels).dtype == np.uint16:
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _fit(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
+    height, width = shape
+    side = max(height, width)
+    scale = min(max_side / side, max(1.0, MIN_SIDE / side))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def render(
+    gray: np.ndarray,
+    heat: np.ndarray,
+    lines: Sequence[str],
+    *,
+    max_side: int = 1024,
+    warning: Optional[str] = None,
+) -> np.ndarray:
+    """The overlay as uint8 RGB: `gray` (uint8) with `heat` (0..1, any grid) blended, and a text band.
+
+    `lines` go in the band under the image, then the notice; `warning` (out-of-distribution)
+    is drawn in orange above them.
+    """
+    height, width = _fit(gray.shape[:2], max_side)
+    interpolation = cv2.INTER_AREA if height < gray.shape[0] else cv2.INTER_LINEAR
+    base = cv2.cvtColor(cv2.resize(gray, (width, height), interpolation=interpolation), cv2.COLOR_GRAY2RGB)
+    heat = np.clip(cv2.resize(heat.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    colour = cv2.cvtColor(cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
+    alpha = (np.clip((heat - TRANSPARENT_BELOW) / (1.0 - TRANSPARENT_BELOW), 0.0, 1.0) * MAX_ALPHA)[:, :, None]
+    image = np.rint(base * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    return np.vstack([image, _band(width, list(lines), warning)])
+
+
+def _band(width: int, lines: list[str], warning: Optional[str]) -> np.ndarray:
+    """Black band: text lines on the left, the colour legend on the right."""
+    scale = max(0.4, min(1.0, width / 1100))
+    thickness = 1 if scale < 0.7 else 2
+    line_h = int(30 * scale) + 6
+    texts = ([(warning, (255, 170, 0))] if warning else []) + [(t, (255, 255, 255)) for t in lines] + [(NOTICE, (255, 220, 120))]
+    band = np.zeros((line_h * len(texts) + 12, width, 3), dtype=np.uint8)
+    legend_w = max(80, width // 5)
+    text_room = width - legend_w - 30
+    for index, (text, colour) in enumerate(texts):
+        text_scale = scale
+        while text_scale > 0.3 and cv2.getTextSize(text, _FONT, text_scale, thickness)[0][0] > text_room:
+            text_scale -= 0.05  # long lines shrink rather than run under the legend
+        y = 6 + line_h * (index + 1) - 8
+        cv2.putText(band, text, (10, y), _FONT, text_scale, colour, thickness, cv2.LINE_AA)
+    _legend(band, width - legend_w - 10, legend_w, scale)
+    return band
+
+
+def _legend(band: np.ndarray, x: int, width: int, scale: float) -> None:
+    ramp = np.tile(np.linspace(0, 255, width).astype(np.uint8), (12, 1))
+    bar = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
+    top = 10
+    band[top : top + 12, x : x + width] = bar
+    low = int(width * TRANSPARENT_BELOW)
+    band[top : top + 12, x : x + low] = (band[top : top + 12, x : x + low] * 0.35).astype(np.uint8)  # not drawn
+    small = max(0.35, 0.45 * scale)
+    cv2.putText(band, "less", (x, top + 30), _FONT, small, (200, 200, 200), 1, cv2.LINE_AA)
+    more = "more influence"
+    size = cv2.getTextSize(more, _FONT, small, 1)[0][0]
+    cv2.putText(band, more, (x + width - size, top + 30), _FONT, small, (200, 200, 200), 1, cv2.LINE_AA)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an RGB image (fast compression: overlays are written per image in a run)."""
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return data.tobytes()
+
+
+def write_png_atomic(path: Union[str, Path], rgb: np.ndarray) -> Path:
+    """Write an RGB image as PNG through a temporary file and a rename: never a half-written file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(encode_png(rgb))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
