@@ -26,6 +26,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -184,16 +185,30 @@ def _calibration_reader(tensors: np.ndarray, input_name: str, batch_size: int = 
     return TensorReader()
 
 
+@contextlib.contextmanager
+def _working_folder(folder: str):
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def preprocess_for_quantization(fp32_path: Union[str, Path], out_path: Union[str, Path]) -> Path:
     """onnxruntime's `quant_pre_process`: symbolic shape inference and graph optimisation."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
-    except Exception as exc:  # shape inference can fail on exotic graphs: fall back, but say so
-        log.warning("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
-        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
-    return Path(out_path)
+    fp32_path, out_path = Path(fp32_path).resolve(), Path(out_path).resolve()
+    # When symbolic shape inference gives up, onnxruntime saves "sym_shape_infer_temp.onnx" and
+    # a data file into the current folder: run it from a scratch folder, not the user's.
+    with tempfile.TemporaryDirectory(prefix="pneumoedge-shapes-") as scratch, _working_folder(scratch):
+        try:
+            quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
+        except Exception as exc:  # shape inference can fail on exotic graphs: fall back, but say so
+            log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
+            quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+    return out_path
 
 
 def quantize_with(recipe: Recipe, pre_path: Path, out_path: Path, calibration: np.ndarray, card: ModelCard) -> Path:
