@@ -214,11 +214,19 @@ def _pathology(an: _Anatomy, kind: str, rng: np.random.Generator, lungs: np.ndar
     return out * lungs
 
 
-def _acquire(img: np.ndarray, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Position, resize, expose and add detector noise; returns float32 in 0..1 at the output size."""
+def _acquire(img: np.ndarray, rng: np.random.Generator, height: int, width: int, signs: Optional[list] = None) -> np.ndarray:
+    """Position, resize, expose and add detector noise; returns float32 in 0..1 at the output size.
+
+    `signs` (a list holding one work-size map), when given, has its map replaced by the map
+    moved and resized exactly like the image; the random draws are the same either way, so the
+    image does not change.
+    """
     h, w = img.shape
     m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-3, 3), rng.uniform(0.95, 1.05))
     m[:, 2] += (rng.uniform(-0.04, 0.04) * w, rng.uniform(-0.04, 0.04) * h)
+    if signs is not None:
+        moved = cv2.warpAffine(signs[0], m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        signs[0] = cv2.resize(moved, (width, height), interpolation=cv2.INTER_LINEAR)
     img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=_BACKGROUND)
     if rng.random() < 0.5:  # a burned-in side marker, as on most real films
         marker = np.zeros((h, w), np.uint8)  # OpenCV 5 draws text on 8-bit images only
@@ -241,12 +249,18 @@ def _work_shape(height: int, width: int) -> tuple[int, int]:
     return max(32, round(height * scale)), max(32, round(width * scale))
 
 
-def _render(anatomy: _Anatomy, rng: np.random.Generator, kind: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image (float32 0..1, output size) and its lung mask before positioning (work size)."""
+def _render(anatomy: _Anatomy, rng: np.random.Generator, kind: str, height: int, width: int, signs: Optional[list] = None) -> tuple[np.ndarray, np.ndarray]:
+    """One image (float32 0..1, output size) and its lung mask before positioning (work size).
+
+    With `signs` (a list), the drawn pathology density at the output size is appended to it.
+    """
     wh, ww = _work_shape(height, width)
     img, lungs = _anatomy_image(anatomy, wh, ww)
-    img = img + _pathology(anatomy, kind, rng, lungs)
-    return _acquire(img, rng, height, width), lungs
+    density = _pathology(anatomy, kind, rng, lungs)
+    img = img + density
+    if signs is not None:
+        signs[:] = [density]
+    return _acquire(img, rng, height, width, signs), lungs
 
 
 def _quantise(img: np.ndarray, sixteen_bit: bool) -> np.ndarray:
@@ -273,6 +287,25 @@ def render_phantom(rng: np.random.Generator, kind: str, height: int, width: int,
         raise ValueError(f"phantoms need at least 16x16 pixels, got {height}x{width}")
     img, _ = _render(_draw_anatomy(rng, kind), rng, kind, height, width)
     return _quantise(img, sixteen_bit)
+
+
+def render_phantom_with_signs(
+    rng: np.random.Generator, kind: str, height: int, width: int, sixteen_bit: bool = False, *, level: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """`render_phantom`'s image (identical for the same generator state) and where its signs are.
+
+    The mask is True where the drawn pneumonia density (consolidations, patchy opacities) is at
+    least `level` of its peak, after the same positioning as the image; all False for "normal".
+    For measuring whether a heatmap points at the signs (synthetic: not a clinical measure).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    signs: list = []
+    img, _ = _render(_draw_anatomy(rng, kind), rng, kind, height, width, signs)
+    density = signs[0]
+    peak = float(density.max())
+    mask = density >= level * peak if peak > 0 else np.zeros(density.shape, dtype=bool)
+    return _quantise(img, sixteen_bit), mask
 
 
 def _pick_size(size: Size, rng: np.random.Generator) -> tuple[int, int]:
