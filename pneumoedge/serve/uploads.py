@@ -94,7 +94,7 @@ class _Collector:
         self._field = b""
         self._value = b""
         self._name: Optional[str] = None
-        self._data = bytearray()
+        self._data: list[memoryview] = []
 
     def callbacks(self) -> dict:
         return {
@@ -112,7 +112,7 @@ class _Collector:
         setattr(self, attr, getattr(self, attr) + data)
 
     def _part_begin(self) -> None:
-        self._headers, self._name, self._data = {}, None, bytearray()
+        self._headers, self._name, self._data = {}, None, []
 
     def _header_end(self) -> None:
         self._headers[self._field.lower()] = self._value
@@ -129,12 +129,12 @@ class _Collector:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._name is not None:
-            self._data += data[start:end]
+            self._data.append(memoryview(data)[start:end])  # no copy until the one join at the end
 
     def _part_end(self) -> None:
         if self._name is not None:
-            self.files.append(Upload(self._name, bytes(self._data)))
-        self._name, self._data = None, bytearray()
+            self.files.append(Upload(self._name, b"".join(self._data)))
+        self._name, self._data = None, []
 
     def _end(self) -> None:
         self.ended = True
