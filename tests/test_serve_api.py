@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
@@ -307,15 +308,42 @@ def test_uploads_stay_in_memory_unless_kept(ensemble, inputs, tmp_path, monkeypa
     assert (kept / f"{request_id}-1.png").read_bytes() == big
 
 
-def test_explain_without_heatmaps_says_so(client, inputs) -> None:
+def test_explain_on_a_model_without_heatmaps_says_why(client, inputs) -> None:
     response = client.post("/api/v1/predict?explain=1", files={"file": ("a.jpeg", (inputs / "example_01.jpeg").read_bytes())})
     assert response.status_code == 200
     body = response.json()
-    assert body["explain"]["requested"] is True
-    if not body["explain"]["available"]:
-        assert body["results"][0]["overlay"] == "" and body["explain"]["note"]
-    else:
-        assert body["results"][0]["overlay"].startswith("data:image/png;base64,")
+    assert body["explain"] == {"requested": True, "available": False, "note": client.get("/api/v1/model").json()["explain_note"]}
+    assert body["explain"]["note"] and body["results"][0]["overlay"] == ""
+
+
+def test_explain_returns_the_overlay_of_predict_explain_inline(tmp_path, inputs) -> None:
+    """A foreign CNN exported with heatmaps: `?explain=1` gives `Prediction.overlay()` as a PNG data URL."""
+    pytest.importorskip("onnx", reason="export needs the [export] extra")
+    from tests.foreign_models import cnn
+
+    source = cnn(tmp_path / "m.onnx", size=(64, 64), channels=3, classes=2, head="logits")
+    model = tmp_path / "explained.onnx"
+    args = ["export", str(source), "--out", str(model), "--size", "64", "64", "--color", "rgb", "--layout", "NCHW",
+            "--labels", "NORMAL,PNEUMONIA", "--head", "logits"]
+    result = runner.invoke(cli_app, args)
+    assert result.exit_code == 0, result.output
+    explaining = pneumoedge.load(model, threads=1)
+    assert explaining.can_explain
+    data = (inputs / "example_05.png").read_bytes()
+    with TestClient(create_app(explaining)) as client:
+        assert client.get("/api/v1/model").json()["can_explain"] is True
+        plain = client.post("/api/v1/predict", files={"file": ("x.png", data)}).json()["results"][0]
+        explained = client.post("/api/v1/predict?explain=1", files={"file": ("x.png", data)}).json()
+    assert plain["overlay"] == "" and explained["explain"]["available"] is True
+    row = explained["results"][0]
+    assert row["probabilities"] == plain["probabilities"]  # explaining does not move the result
+    prefix = "data:image/png;base64,"
+    assert row["overlay"].startswith(prefix)
+    png = np.frombuffer(base64.b64decode(row["overlay"][len(prefix):]), np.uint8)
+    shown = cv2.cvtColor(cv2.imdecode(png, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    expected = explaining.predict(data, explain=True).overlay(max_side=1024)
+    assert shown.shape == expected.shape
+    assert np.array_equal(shown, expected)
 
 
 def _first_error_line(output: str) -> str:

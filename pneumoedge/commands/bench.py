@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
@@ -68,35 +69,45 @@ def bench(
 def _stats_cells(stats: Optional[dict[str, float]]) -> list[str]:
     if not stats:
         return ["-"] * 5
-    return [f"{stats[k]:.2f}" for k in ("p50", "mean", "p90", "p99", "max")]
+    return [_ms(stats[k]) for k in ("p50", "mean", "p90", "p99", "max")]
+
+
+def _ms(value: float) -> str:
+    """Milliseconds in at most 6 characters below 1000 s: 2 decimals under 10, 1 under 1000."""
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
     """The figures as rich tables."""
     machine, versions, settings = report["machine"], report["versions"], report["settings"]
     console.print(
-        f"[bold]pneumoedge bench[/] on {machine['cpu']} ({machine['physical_cores']} cores), {machine['os']}\n"
+        f"[bold]pneumoedge bench[/] on {machine['cpu']} ({machine['physical_cores']} cores; "
+        f"SIMD {machine.get('simd') or 'not recorded'}), {machine['os']}\n"
         f"onnxruntime {versions['onnxruntime']}, numpy {versions['numpy']}, opencv {versions['opencv']}, "
         f"pneumoedge {versions['pneumoedge']}; provider {report['ensemble']['provider']}\n"
         f"{settings['images']} images ({settings['images_source']}, {settings['megapixels_mean']:.2f} Mpx mean); "
         f"{settings['runs']} runs after {settings['warmup']} warm-up; threads {settings['threads'] or 'default'}",
         highlight=False,
     )
-    table = Table(title="latency (ms)", title_justify="left")
-    for column in ("figure", "create", "first", "p50", "mean", "p90", "p99", "max"):
-        table.add_column(column, justify="left" if column == "figure" else "right")
+    # Readable in an 80-column terminal: short figure names under a heading row per member,
+    # no vertical borders, numbers never wrapped (an over-long member name is cut with "…").
+    table = Table(title="latency (ms)", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0))
+    table.add_column("figure", no_wrap=True, overflow="ellipsis", max_width=20)
+    for column in ("create", "first", "p50", "mean", "p90", "p99", "max"):
+        table.add_column(column, justify="right", no_wrap=True, min_width=7)
     for m in report["members"]:
-        label = f"{m['name']} ({m['precision']})"
-        table.add_row(f"{label} model, batch 1", f"{m['session_create_ms']:.1f}", f"{m['first_inference_ms']:.1f}", *_stats_cells(m["model_only_ms"]))
+        table.add_row(f"[bold]{m['name']} {m['precision']}[/]")
+        table.add_row("  model, batch 1", _ms(m["session_create_ms"]), _ms(m["first_inference_ms"]), *_stats_cells(m["model_only_ms"]))
         if m["model_only_batch_ms"]:
-            table.add_row(f"{label} model, batch {settings['batch']}", "", "", *_stats_cells(m["model_only_batch_ms"]))
-        table.add_row(f"{label} preprocess", "", "", *_stats_cells(m["preprocess_ms"]))
+            table.add_row(f"  model, batch {settings['batch']}", "", "", *_stats_cells(m["model_only_batch_ms"]))
+        table.add_row("  preprocess", "", "", *_stats_cells(m["preprocess_ms"]))
     e = report["ensemble"]
-    table.add_row("ensemble: read + decode", "", "", *_stats_cells(e["decode_ms"]))
-    table.add_row("ensemble: tensors (all members)", "", "", *_stats_cells(e["tensors_ms"]))
-    table.add_row("ensemble: models (all members)", "", "", *_stats_cells(e["model_only_ms"]))
+    table.add_row("[bold]ensemble[/]")
+    table.add_row("  read + decode", "", "", *_stats_cells(e["decode_ms"]))
+    table.add_row("  tensors, all", "", "", *_stats_cells(e["tensors_ms"]))
+    table.add_row("  models, all", "", "", *_stats_cells(e["model_only_ms"]))
     # create = loading the whole model (checksums, all sessions); first = the first predict after it.
-    table.add_row("ensemble: end to end per image", f"{e['load_ms']:.1f}", f"{e['first_inference_ms']:.1f}", *_stats_cells(e["end_to_end_ms"]))
+    table.add_row("  end to end", _ms(e["load_ms"]), _ms(e["first_inference_ms"]), *_stats_cells(e["end_to_end_ms"]))
     console.print(table)
     split, tp = e["split"], e["throughput"]
     console.print(

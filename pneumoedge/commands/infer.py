@@ -11,7 +11,6 @@ from typing_extensions import Annotated
 
 from pneumoedge.commands.options import (
     CLINICAL_NOTE,
-    BatchSize,
     Device,
     Models,
     Precision,
@@ -36,16 +35,20 @@ def infer(
         Optional[str], typer.Option("--format", help="csv or jsonl. Default: from --out's suffix, else csv.")
     ] = None,
     device: Device = "cpu",
-    precision: Precision = "default",
+    precision: Precision = "auto",
     threads: Annotated[
-        int,
+        Optional[int],
         typer.Option(
             min=1,
-            help="onnxruntime threads per model run. With 1, each CPU core runs its own batch at once: "
-            "the fastest for folders on the 2-core machine measured in benchmarks/RESULTS.md.",
+            help="onnxruntime threads per model run. With 1, each CPU core runs its own batch at once. "
+            "Default: what `pneumoedge tune` measured here, else 1 (all cores for big models).",
+            show_default=False,
         ),
-    ] = 1,
-    batch: BatchSize = 8,
+    ] = None,
+    batch: Annotated[
+        Optional[int],
+        typer.Option("--batch", min=1, help="Images per model run. Default: the tuned choice, else 8 (4 for big models).", show_default=False),
+    ] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads. Default: min(8, CPUs).")] = None,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run: keep --out's finished rows, do the rest.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
@@ -66,7 +69,7 @@ def infer(
         fmt = _choose_format(fmt, out)
         if resume and out is None:
             raise OutputError("--resume needs --out (the file to finish)")
-        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads=threads)
+        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads="auto" if threads is None else threads)
         writer = ResultWriter(fmt, ensemble.labels, [m.name for m in ensemble.members])
         summary = run_folder(
             ensemble,
@@ -75,13 +78,13 @@ def infer(
             out=out,
             overwrite=overwrite,
             resume=resume,
-            batch_size=batch,
+            batch_size=batch or ensemble.configuration.batch,
             workers=workers,
             recursive=recursive,
             show_progress=stderr.is_terminal if progress is None else progress,
             console=stderr,
         )
-    _print_summary(summary, ensemble.threshold)
+    _print_summary(summary, ensemble.threshold, getattr(ensemble, "configuration", None))
     raise typer.Exit(summary.exit_code)
 
 
@@ -94,7 +97,7 @@ def _choose_format(fmt: Optional[str], out: Optional[Path]) -> str:
     return fmt
 
 
-def _print_summary(summary: RunSummary, threshold: Optional[float]) -> None:
+def _print_summary(summary: RunSummary, threshold: Optional[float], configuration=None) -> None:
     table = Table(title="pneumoedge infer", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -108,12 +111,16 @@ def _print_summary(summary: RunSummary, threshold: Optional[float]) -> None:
         table.add_row("threshold", f"{threshold:.3f}")
     table.add_row("speed", f"{summary.images_per_s:.1f} images/s ({summary.elapsed_s:.2f} s)")
     table.add_row("provider", summary.provider)
+    if configuration is not None:  # what ran and why: tuned on this machine, the untuned rule, or the user's flags
+        table.add_row("configuration", configuration.describe())
     table.add_row("results", summary.output)
     stderr.print(table)
     for path, reason in summary.first_errors:
         stderr.print(f"[red]error[/] {path}: {reason}", highlight=False, soft_wrap=True)
     if summary.errors > len(summary.first_errors):
         stderr.print(f"… and {summary.errors - len(summary.first_errors)} more errors (status 'error' in the results)")
+    for warning in getattr(configuration, "warnings", ()):
+        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
 
 

@@ -12,7 +12,9 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from pneumoedge.commands.options import CLINICAL_NOTE, Precision, model_arg, user_errors
+from pneumoedge.bundle import read_manifest
 from pneumoedge.runtime.ensemble import load
+from pneumoedge.runtime.machine import cpu_info
 
 
 def info(
@@ -20,15 +22,19 @@ def info(
         Optional[List[Path]],
         typer.Argument(help="A bundle folder or .onnx file(s). Default: the bundled model.", show_default=False),
     ] = None,
-    precision: Precision = "default",
+    precision: Precision = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show members, preprocessing specs, labels, threshold and provenance of a model.
 
-    Loading verifies every member's checksum and input shape, so `info` also checks a bundle.
+    Every member's checksum and input shape are verified, so `info` also checks a bundle. The
+    configuration line says what `infer` runs here and why (tuned, untuned rule, your flags).
     """
     with user_errors():
-        ensemble = load(model_arg(models), precision=precision)
+        ensemble = load(model_arg(models), precision=precision, threads="auto")
+        if ensemble.manifest is not None:
+            read_manifest(ensemble.manifest.root)  # load checks the members it opens; info checks them all
+    configuration = ensemble.configuration
     described = ensemble.describe()
     manifest = ensemble.manifest
     if manifest is not None:
@@ -37,6 +43,8 @@ def info(
         described["precisions"] = list(manifest.precisions)
         described["default_precision"] = manifest.default_precision
         described["provenance"] = manifest.provenance
+    described["configuration"] = configuration.to_dict()
+    described["machine"] = cpu_info().to_dict()
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return
@@ -50,6 +58,8 @@ def info(
     if manifest is not None:
         head.add_row("bundle", described["bundle"])
         head.add_row("precisions", f"{', '.join(described['precisions'])} (default {described['default_precision']})")
+    head.add_row("this computer", f"{described['machine']['cpu']} ({cpu_info().flags_text})")
+    head.add_row("configuration", configuration.describe())
     console.print(head)
     members = Table(title="members", title_justify="left")
     for column in ("name", "precision", "weight", "input", "resize", "scaling", "file"):
@@ -72,6 +82,8 @@ def info(
     if manifest is not None and manifest.provenance:
         console.print("[bold]provenance[/]")
         console.print_json(json.dumps(manifest.provenance))
+    for warning in configuration.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"[yellow]{CLINICAL_NOTE}[/]")
 
 

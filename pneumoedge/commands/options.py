@@ -41,7 +41,10 @@ Device = Annotated[
 ]
 Precision = Annotated[
     str,
-    typer.Option(help="Bundle members to run: default (the bundle's choice), fp32 or int8."),
+    typer.Option(
+        help="Bundle members to run: auto (this computer's fastest that passed its accuracy check: what "
+        "`pneumoedge tune` measured, else int8 only with VNNI/AMX), default (the bundle's choice), fp32 or int8."
+    ),
 ]
 Threads = Annotated[
     Optional[int],

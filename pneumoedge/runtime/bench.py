@@ -35,7 +35,7 @@ SCHEMA = "pneumoedge.bench/1"
 
 BENCH_SCHEMA_DOC = """\
 {"schema": "pneumoedge.bench/1", "created": ISO-8601 UTC, "command": [argv],
- "machine": {cpu, physical_cores, logical_cores, os, python},
+ "machine": {cpu, simd ("avx2 avx512_vnni ..."), fast_int8, physical_cores, logical_cores, os, python},
  "versions": {pneumoedge, onnxruntime, numpy, opencv},
  "settings": {model, device, threads, batch, precision, runs, warmup, images, images_source, megapixels_mean},
  "members": [{name, precision, source, input_shape, provider, session_create_ms, first_inference_ms,
@@ -153,8 +153,12 @@ def physical_cores() -> int:
 
 
 def machine_info() -> dict[str, Any]:
+    from pneumoedge.runtime.machine import cpu_info
+
     return {
         "cpu": cpu_model(),
+        "simd": cpu_info().flags_text,  # VNNI/AMX decide whether int8 is fast here
+        "fast_int8": cpu_info().fast_int8,
         "physical_cores": physical_cores(),
         "logical_cores": os.cpu_count() or 1,
         "os": platform.platform(),

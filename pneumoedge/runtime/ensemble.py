@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, Manifest, ModelCar
 from pneumoedge.imageio import ImageError, ImageSource, read_bytes
 from pneumoedge.preprocessing import read_for, to_tensor
 from pneumoedge.runtime.sessions import create_session
+from pneumoedge.runtime.tuning import resolve, rule
 
 ModelRef = Union[str, Path]
 _ORT_LOAD_ERRORS = (_ort_state.InvalidProtobuf, _ort_state.Fail, _ort_state.InvalidGraph, _ort_state.NoSuchFile, _ort_state.InvalidArgument)
@@ -475,8 +477,8 @@ def load(
     model: Union[ModelRef, Sequence[ModelRef], None] = None,
     *,
     device: str = "cpu",
-    precision: str = "default",
-    threads: Optional[int] = None,
+    precision: str = "auto",
+    threads: Union[int, None, str] = None,
 ) -> Ensemble:
     """Load a bundle folder, or one or more self-describing `.onnx` files, ready to predict.
 
@@ -484,8 +486,13 @@ def load(
         model: a bundle folder; an `.onnx` path; a list of `.onnx` paths (an ad-hoc ensemble,
             equal weights); or None for the bundled default model.
         device: "cpu", "cuda" (fails clearly when CUDA cannot run) or "auto".
-        precision: for bundles: "default" (the manifest's choice), "fp32" or "int8".
-        threads: onnxruntime intra-op threads per session (None: its default).
+        precision: for bundles: "auto" (this computer's choice: what `pneumoedge tune` measured,
+            else int8 only where it passed its accuracy check and the CPU has VNNI/AMX),
+            "default" (the manifest's choice), "fp32" or "int8".
+        threads: onnxruntime intra-op threads per session (None: its default, every core);
+            "auto": this computer's choice for folders (see `pneumoedge.runtime.tuning`).
+
+    The configuration in use and where it came from is `ensemble.configuration`.
     """
     refs = [default_bundle_path()] if model is None else [model] if isinstance(model, (str, Path)) else list(model)
     if not refs:
@@ -495,7 +502,10 @@ def load(
         if len(paths) != 1:
             raise BundleError("give one bundle folder, or one or more .onnx files, not a mix")
         return _load_bundle(paths[0], device, precision, threads)
-    members = [_load_onnx(p, device, threads) for p in paths]
+    config = rule(None, model_bytes=max(p.stat().st_size if p.is_file() else 0 for p in paths))
+    if threads != "auto":
+        config = replace(config, threads=threads, source="user", reason="threads as given")
+    members = [_load_onnx(p, device, config.threads) for p in paths]
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         members = [_renamed(m, f"{m.name}_{i}") for i, m in enumerate(members)]
@@ -504,7 +514,9 @@ def load(
         threshold, method = found.pop(), "from the models' metadata"
     else:
         threshold, method = 0.5, "default 0.5 (the ONNX files carry no shared threshold)"
-    return Ensemble(members, threshold=threshold, threshold_method=method, threads=threads)
+    ensemble = Ensemble(members, threshold=threshold, threshold_method=method, threads=config.threads)
+    ensemble.configuration = config
+    return ensemble
 
 
 def _renamed(member: LoadedMember, name: str) -> LoadedMember:
@@ -534,14 +546,55 @@ def _load_onnx(path: Path, device: str, threads: Optional[int]) -> LoadedMember:
     return member
 
 
-def _load_bundle(root: Path, device: str, precision: str, threads: Optional[int]) -> Ensemble:
-    manifest = read_manifest(root)
+def _load_bundle(root: Path, device: str, precision: str, threads: Union[int, None, str]) -> Ensemble:
+    manifest = read_manifest(root, verify=False)  # checksums below: only the members loaded
+    try:
+        config = resolve(manifest, precision=precision, threads=threads, device=device)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
     members = []
-    for entry in manifest.members_for(precision):
-        session = _open(entry.path, device, threads)
+    for entry in manifest.members_for(config.precision):
+        session = _open_verified(entry, device, config.threads)
         member = LoadedMember(entry.name, entry.weight, entry.card, session, str(entry.path), entry.precision)
         _check_input_shape(member)
         members.append(member)
-    return Ensemble(
-        members, threshold=manifest.threshold, threshold_method=manifest.threshold_method, manifest=manifest, threads=threads
+    ensemble = Ensemble(
+        members, threshold=manifest.threshold, threshold_method=manifest.threshold_method, manifest=manifest, threads=config.threads
     )
+    ensemble.configuration = config
+    return ensemble
+
+
+def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.InferenceSession:
+    """Open a member from one read of its file, hashing those bytes while the session is built.
+
+    A big member (an 80 MB Xception) costs ~0.2 s to hash: in a thread beside session creation
+    (both release the GIL) that time is hidden, and the file is read once, not twice.
+    """
+    try:
+        data = Path(entry.path).read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{entry.path}: cannot read member file: {exc.strerror or exc}") from None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pneumoedge-sha256") as pool:
+        digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        try:
+            session: Optional[ort.InferenceSession] = _open_bytes(entry.path, data, device, threads)
+            failure = None
+        except BundleError as exc:  # a changed file is reported as changed, not as unloadable
+            session, failure = None, exc
+        actual = digest.result()
+    if actual == entry.sha256 and failure is not None:
+        raise failure
+    if actual != entry.sha256:
+        raise BundleError(
+            f"{entry.path}: checksum mismatch (manifest sha256 {entry.sha256[:12]}…, file {actual[:12]}…); "
+            "the file was changed or corrupted after the bundle was made"
+        )
+    return session
+
+
+def _open_bytes(path: Path, data: bytes, device: str, threads: Optional[int]) -> ort.InferenceSession:
+    try:
+        return create_session(data, device, threads)
+    except _ORT_LOAD_ERRORS as exc:
+        raise BundleError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None

@@ -36,8 +36,7 @@ def describe_model(ensemble: Ensemble) -> dict[str, Any]:
         described["provenance_summary"] = str(provenance.get("notice") or provenance.get("created_by") or "recorded in the bundle")
     else:
         described["provenance_summary"] = "no provenance recorded (bare ONNX files): ask who trained this model on what data"
-    # The explain API may be missing in older runtimes: then heatmaps are simply unavailable.
-    described["can_explain"] = bool(getattr(ensemble, "can_explain", False))
-    described["explain_note"] = str(getattr(ensemble, "explain_note", "") or ("" if described["can_explain"] else "this model has no heatmap output"))
+    described["can_explain"] = ensemble.can_explain
+    described["explain_note"] = ensemble.explain_note
     described["notice"] = NOTICE
     return described

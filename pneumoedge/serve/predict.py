@@ -8,7 +8,6 @@ import logging
 from typing import Any, Optional
 
 import cv2
-import numpy as np
 
 from pneumoedge.formats import ImageError, sniff
 from pneumoedge.runtime.ensemble import Ensemble, Prediction
@@ -61,12 +60,9 @@ def _is_image_format(data: bytes) -> bool:
 
 def _overlay_data_url(prediction: Prediction) -> Optional[str]:
     """The overlay as a PNG data URL: nothing is kept on the server after the response."""
-    overlay = getattr(prediction, "overlay", None)
-    if not callable(overlay):
-        return None
     try:
-        rgb = np.asarray(overlay(max_side=OVERLAY_MAX_SIDE), dtype=np.uint8)
-    except ValueError:  # no heatmap for this image
+        rgb = prediction.overlay(max_side=OVERLAY_MAX_SIDE)
+    except ValueError:  # no heatmap for this image (the members that carry one gave none)
         return None
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
