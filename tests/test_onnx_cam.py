@@ -59,9 +59,12 @@ def _head(p: dict, x_axis_mean) -> callable:
     return lambda a: x_axis_mean(a) @ w.T + b
 
 
-@pytest.mark.parametrize("classes, head", [(2, "logits"), (2, "softmax"), (1, "sigmoid"), (3, "softmax")])
-def test_nchw_heatmap_equals_gradcam_by_definition_and_output_0_is_unchanged(tmp_path: Path, classes: int, head: str) -> None:
-    path = cnn(tmp_path / "m.onnx", size=(16, 16), channels=3, classes=classes, head=head, seed=classes)
+@pytest.mark.parametrize(
+    "classes, head, opset",
+    [(2, "logits", 17), (2, "softmax", 17), (1, "sigmoid", 17), (3, "softmax", 17), (2, "logits", 11), (3, "softmax", 11)],
+)  # opset 11: the MatMul form (no Einsum before opset 12)
+def test_nchw_heatmap_equals_gradcam_by_definition_and_output_0_is_unchanged(tmp_path: Path, classes: int, head: str, opset: int) -> None:
+    path = cnn(tmp_path / "m.onnx", size=(16, 16), channels=3, classes=classes, head=head, seed=classes, opset=opset)
     spec = PreprocessSpec(height=16, width=16, color="rgb", layout="NCHW")
     labels = LABELS3 if classes == 3 else LABELS2
     original = onnx.load(str(path))
@@ -85,6 +88,8 @@ def test_nchw_heatmap_equals_gradcam_by_definition_and_output_0_is_unchanged(tmp
         expected = gradcam_by_finite_differences(a[n], score)
         np.testing.assert_allclose(heat[n], expected, rtol=1e-4, atol=1e-6)
     assert (heat > 0).any() and (heat == 0).any()  # a real map, ReLU'd
+    ops = {n.op_type for n in explained.graph.node[len(original.graph.node):]}
+    assert ("Einsum" in ops) == (opset >= 12) and ("MatMul" in ops) == (opset < 12)
     for runtime in (False, True):  # plain options and the runtime's (full optimisation)
         plain = _session(original, runtime=runtime).run(None, {"input": x})[0]
         grown = _session(explained, runtime=runtime).run(None, {"input": x})[0]

@@ -206,8 +206,10 @@ def test_int8_bundle_for_a_wrapped_model_goes_through_the_checked_search(tmp_pat
     chosen = manifest.provenance["int8"]["chosen"]
     assert chosen["max_prob_diff"] <= 0.2 and chosen["qdq_nodes"] >= 0
     assert manifest.provenance["wrapped"]["identical"] is True
-    props = {p.key for p in onnx.load(str(int8.path)).metadata_props}
-    assert "pneumoedge_quantization" in props
+    int8_model = onnx.load(str(int8.path))
+    assert "pneumoedge_quantization" in {p.key for p in int8_model.metadata_props}
+    assert [n.op_type for n in int8_model.graph.node if n.name == "pneumoedge_cam_raw"] == ["Einsum"]  # the map's weighting stays float
+    assert [o.name for o in int8_model.graph.output][1:] == ["pneumoedge_heatmap", "pneumoedge_features"]
     fp32 = pneumoedge.load(out, precision="fp32").predict(rgb_folder / "a.png").probabilities["PNEUMONIA"]
     q = pneumoedge.load(out, precision="int8").predict(rgb_folder / "a.png").probabilities["PNEUMONIA"]
     assert abs(fp32 - q) <= 0.2

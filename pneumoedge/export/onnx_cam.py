@@ -198,18 +198,28 @@ def add_heatmap_outputs(model: Any, spec: PreprocessSpec, labels: Sequence[str])
         g.node.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
+    # Einsum (opset 12+) rather than MatMul: int8 quantization (which quantizes MatMul) then
+    # leaves the map's weighting in float, and the graph needs no transposes or reshapes.
+    einsum = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) >= 12
+    maps = "nchw" if head.layout == "NCHW" else "nhwc"
     channels_last = head.feature_map
-    if head.layout == "NCHW":
+    if head.layout == "NCHW" and not einsum:
         channels_last = node("Transpose", [head.feature_map], PREFIX + "nhwc", perm=[0, 2, 3, 1])
     if units <= 2:
-        vector = per_position[:, 0] if units == 1 else per_position[:, 1] - per_position[:, 0]
-        raw = node("MatMul", [channels_last, const("weights", vector.astype(np.float32))], PREFIX + "raw")
+        vector = const("weights", (per_position[:, 0] if units == 1 else per_position[:, 1] - per_position[:, 0]).astype(np.float32))
+        if einsum:
+            raw = node("Einsum", [head.feature_map, vector], PREFIX + "raw", equation=f"{maps},c->nhw")
+        else:
+            raw = node("MatMul", [channels_last, vector], PREFIX + "raw")
     else:
         index = node("ArgMax", [out0], PREFIX + "class", axis=1, keepdims=0)
         chosen = node("Gather", [const("weights", np.ascontiguousarray(per_position.T, dtype=np.float32)), index], PREFIX + "class_weights", axis=0)
-        column = node("Reshape", [chosen, const("column_shape", np.array([-1, 1, channels, 1], dtype=np.int64))], PREFIX + "class_column")
-        product = node("MatMul", [channels_last, column], PREFIX + "product")
-        raw = node("Reshape", [product, const("map_shape", np.array([-1, h, w], dtype=np.int64))], PREFIX + "raw")
+        if einsum:
+            raw = node("Einsum", [head.feature_map, chosen], PREFIX + "raw", equation=f"{maps},nc->nhw")
+        else:
+            column = node("Reshape", [chosen, const("column_shape", np.array([-1, 1, channels, 1], dtype=np.int64))], PREFIX + "class_column")
+            product = node("MatMul", [channels_last, column], PREFIX + "product")
+            raw = node("Reshape", [product, const("map_shape", np.array([-1, h, w], dtype=np.int64))], PREFIX + "raw")
     node("Relu", [raw], HEATMAP_OUTPUT)
     node("Reshape", [head.pooled, const("features_shape", np.array([-1, channels], dtype=np.int64))], FEATURES_OUTPUT)
     batch: Any = fixed_batch if fixed_batch else (batch_dim.dim_param if batch_dim is not None and batch_dim.dim_param else "N")
