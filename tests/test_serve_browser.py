@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from typer.testing import CliRunner
+
 from tests.serve_helpers import EXAMPLES, REPO, start_server, stop_server
 from tests.system_tools import require_program
 
@@ -97,3 +99,52 @@ def test_page_in_chromium_gives_infers_label_and_reports_bad_files(tmp_path: Pat
     unexpected = [e for e in console_errors if "status of 415" not in e]
     assert unexpected == [], console_errors
     assert "status=200 files=1" in log and "example_01" not in log and "letter" not in log
+
+
+def test_heatmap_toggle_by_keyboard_on_a_model_with_heatmaps(tmp_path: Path) -> None:
+    chromium = require_program("chromium", install_hint="apt-get install -y --no-install-recommends chromium chromium-driver")
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is in the [dev] extra")
+    pytest.importorskip("onnx", reason="export needs the [export] extra")
+    from pneumoedge.cli import app
+    from tests.foreign_models import cnn
+
+    source = cnn(tmp_path / "m.onnx", size=(64, 64), channels=3, classes=2, head="logits")
+    model = tmp_path / "explained.onnx"
+    args = ["export", str(source), "--out", str(model), "--size", "64", "64", "--color", "rgb", "--layout", "NCHW",
+            "--labels", "NORMAL,PNEUMONIA", "--head", "logits"]
+    exported = CliRunner().invoke(app, args)
+    assert exported.exit_code == 0, exported.output
+    process, url = start_server("--model", str(model), log_path=tmp_path / "serve.log")
+    problems: list[str] = []
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 900})
+                page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+                page.on("pageerror", lambda e: problems.append(f"uncaught: {e}"))
+                page.goto(url + "/")
+                expect = playwright.expect
+                expect(page.locator("#model-explain")).to_contain_text("available:")
+                expect(page.locator("#model-provenance")).to_contain_text("no provenance recorded")
+                # Keyboard only: tick the box, then the result's button with Space.
+                page.get_by_label("Ask for heatmaps").focus()
+                page.keyboard.press("Space")
+                expect(page.get_by_label("Ask for heatmaps")).to_be_checked()
+                page.get_by_label("Choose X-ray images").set_input_files([str(EXAMPLES / "example_05.png")])
+                card = page.locator("#results > li").first
+                expect(card).to_have_attribute("data-status", "ok", timeout=60000)
+                button = card.get_by_role("button", name="Show heatmap")
+                heatmap = card.get_by_alt_text("Heatmap: where the model looked, over the X-ray")
+                expect(heatmap).to_be_hidden()
+                button.focus()
+                page.keyboard.press("Space")
+                expect(card.get_by_role("button", name="Hide heatmap")).to_have_attribute("aria-pressed", "true")
+                expect(heatmap).to_be_visible()
+                expect(card.get_by_alt_text("Preview of example_05.png")).to_be_hidden()
+                page.screenshot(path=str(tmp_path / "heatmap.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        stop_server(process)
+    assert problems == [], problems  # an overlay blocked by the CSP would be reported here
