@@ -100,6 +100,9 @@ class Member:
     path: Path
     #: Where the member came from (input bundle or file, its sha256); None in older manifests.
     origin: Optional[dict[str, Any]] = None
+    #: Out-of-distribution statistics: {"file", "sha256", "threshold", "reference_images", ...}
+    #: with "path" resolved; None when the member has none (see `pneumoedge.runtime.ood`).
+    ood: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +115,7 @@ class Member:
             "activation": self.card.activation,
             **({"explain": dict(self.card.explain)} if self.card.explain else {}),
             **({"origin": dict(self.origin)} if self.origin is not None else {}),
+            **({"ood": {k: v for k, v in self.ood.items() if k != "path"}} if self.ood else {}),
         }
 
 
@@ -275,7 +279,34 @@ def _read_member(root: Path, raw: Any, labels: tuple[str, ...], task: str, where
         card=card,
         path=path,
         origin=raw["origin"] if isinstance(raw.get("origin"), dict) else None,
+        ood=_read_ood(root, raw.get("ood"), where, file, verify),
     )
+
+
+def _read_ood(root: Path, raw: Any, where: str, file: str, verify: bool) -> Optional[dict[str, Any]]:
+    """A member's out-of-distribution entry, its file inside the bundle and (with `verify`) checksummed."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("file"), str) or not isinstance(raw.get("sha256"), str):
+        raise BundleError(f"{where} ({file}): 'ood' must be an object with 'file' and 'sha256'")
+    path = (root / raw["file"]).resolve()
+    if root.resolve() not in path.parents:
+        raise BundleError(f"{where} ({file}): ood file {raw['file']!r} lies outside the bundle folder")
+    if not path.is_file():
+        raise BundleError(f"{where} ({file}): out-of-distribution statistics {path} are missing")
+    if verify:
+        verify_file(path, raw["sha256"])
+    return {**raw, "path": path}
+
+
+def verify_file(path: Path, expected: str) -> None:
+    """Raise `BundleError` unless `path`'s sha256 is `expected`."""
+    actual = sha256_file(path)
+    if actual != str(expected).lower():
+        raise BundleError(
+            f"{path}: checksum mismatch (manifest sha256 {str(expected)[:12]}…, file {actual[:12]}…); "
+            "the file was changed or corrupted after the bundle was made"
+        )
 
 
 @dataclass(frozen=True)
@@ -291,6 +322,10 @@ class MemberSource:
     explain: Optional[dict[str, Any]] = None
     #: Recorded as the member's "origin" in the manifest (where it came from, its sha256).
     origin: Optional[dict[str, Any]] = None
+    #: Out-of-distribution statistics file (`pneumoedge.runtime.ood.OodStats.save`) and what to
+    #: record about it; copied into the bundle as `<name>.<precision>.ood.npz`.
+    ood_file: Optional[Path] = None
+    ood: Optional[dict[str, Any]] = None
 
 
 def write_bundle(
@@ -319,6 +354,13 @@ def write_bundle(
         target = out / file
         if Path(member.onnx_path).resolve() != target.resolve():
             shutil.copyfile(member.onnx_path, target)
+        ood = None
+        if member.ood_file is not None:
+            ood_file = f"{member.name}.{member.precision}.ood.npz"
+            if Path(member.ood_file).resolve() != (out / ood_file).resolve():
+                shutil.copyfile(member.ood_file, out / ood_file)
+            ood = {**{k: v for k, v in (member.ood or {}).items() if k not in ("file", "sha256", "path")},
+                   "file": ood_file, "sha256": sha256_file(out / ood_file)}
         entries.append(
             {
                 "name": member.name,
@@ -330,6 +372,7 @@ def write_bundle(
                 "activation": member.activation,
                 **({"explain": dict(member.explain)} if member.explain else {}),
                 **({"origin": dict(member.origin)} if member.origin is not None else {}),
+                **({"ood": ood} if ood else {}),
             }
         )
     manifest = {

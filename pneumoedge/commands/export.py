@@ -43,6 +43,7 @@ def export_command(
     layout: Annotated[str, typer.Option(help="Foreign .onnx model: input layout, NCHW (PyTorch) or NHWC (Keras/TensorFlow).", case_sensitive=False)] = "NHWC",
     heatmap: Annotated[bool, typer.Option(help="Add Grad-CAM heatmap outputs to each graph (checked against TensorFlow's GradientTape Grad-CAM; for a foreign .onnx, when the head is global-average-pool + linear). Without them, explain/--heatmaps say 'not available'.")] = True,
     heatmap_layer: Annotated[Optional[str], typer.Option(help="Keras models: the feature layer to explain, by name (also inside a nested backbone). Default: the last layer with a 4-D output.", show_default=False)] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Foreign Keras model: folder of images like its training data, for the out-of-distribution statistics (default: --calibration). Run folders use their own training images.", show_default=False)] = None,
     labels: Annotated[str, typer.Option(help="Foreign model: label names in output order, comma-separated.")] = "NORMAL,PNEUMONIA",
     head: Annotated[str, typer.Option(help="Foreign model: sigmoid (1 unit, p of the 2nd label), softmax (N units), or logits (raw; sigmoid/softmax applied by the runtime).")] = "sigmoid",
     threshold: Annotated[float, typer.Option(help="Foreign binary model: decision threshold to record.")] = 0.5,
@@ -96,7 +97,7 @@ def export_command(
                 models[0], out, spec=spec, labels=label_list, head=head, images=images, parity_tolerance=tolerance,
                 int8=int8, calibration=calibration, int8_tolerance=tol8, recipe=recipe, calibrate_method=calibration_method,
                 on_fail=on_fail, threshold=threshold, name=name, progress=progress,
-                heatmaps=heatmap, heatmap_layer=heatmap_layer,
+                heatmaps=heatmap, heatmap_layer=heatmap_layer, reference=reference,
             )
         if isinstance(result, ExportResult):
             console.print(f"wrote [bold]{result.onnx_path}[/] ({result.size_bytes / 1024:.0f} KB, {result.nodes} nodes); "

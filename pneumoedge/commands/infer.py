@@ -14,6 +14,7 @@ from pneumoedge.commands.options import (
     Device,
     Models,
     Precision,
+    UserError,
     model_arg,
     stderr,
     user_errors,
@@ -56,6 +57,15 @@ def infer(
     progress: Annotated[
         Optional[bool], typer.Option(help="Show a progress bar. Default: only when standard error is a terminal.")
     ] = None,
+    heatmaps: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder for heatmap overlays: one PNG per classified image (its path below the input folder + .png), "
+            "the path in the results' overlay column. Needs a model whose graphs carry heatmaps (see `pneumoedge info`).",
+            show_default=False,
+        ),
+    ] = None,
+    overlay_size: Annotated[int, typer.Option(min=128, help="Longest side of each overlay PNG, in pixels.")] = 1024,
 ) -> None:
     """Classify chest X-ray images; write one row per input file.
 
@@ -70,6 +80,10 @@ def infer(
         if resume and out is None:
             raise OutputError("--resume needs --out (the file to finish)")
         ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads="auto" if threads is None else threads)
+        if heatmaps is not None and not ensemble.can_explain:
+            raise UserError(f"--heatmaps: {ensemble.explain_note}")
+        if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
+            raise UserError(f"--heatmaps {heatmaps}: exists and is not a folder")
         writer = ResultWriter(fmt, ensemble.labels, [m.name for m in ensemble.members])
         summary = run_folder(
             ensemble,
@@ -83,8 +97,13 @@ def infer(
             recursive=recursive,
             show_progress=stderr.is_terminal if progress is None else progress,
             console=stderr,
+            heatmaps=heatmaps,
+            overlay_side=overlay_size,
         )
     _print_summary(summary, ensemble.threshold, getattr(ensemble, "configuration", None))
+    if heatmaps is not None:
+        sources = "; ".join(f"{name}: {how}" for name, how in ensemble.map_sources().items())
+        stderr.print(f"heatmaps: {summary.overlays} overlays in {heatmaps} ({sources})", highlight=False, soft_wrap=True)
     raise typer.Exit(summary.exit_code)
 
 
@@ -103,6 +122,8 @@ def _print_summary(summary: RunSummary, threshold: Optional[float], configuratio
     table.add_column()
     for label, count in sorted(summary.labels.items()):
         table.add_row(label, str(count))
+    if summary.ood:
+        table.add_row("unlike training images", f"{summary.ood} (out of distribution: do not rely on these results)")
     table.add_row("errors", str(summary.errors))
     table.add_row("skipped (not images)", str(summary.skipped))
     if summary.resumed:

@@ -33,6 +33,8 @@ from pneumoedge.export.onnx_export import (
     onnx_session,
     run_onnx,
 )
+from pneumoedge.export.ood_fit import pick as pick_references
+from pneumoedge.export.ood_fit import reference_files, with_ood
 from pneumoedge.export.quantization import DEFAULT_RECIPE, QuantizationResult, Tolerance, quantize_int8
 from pneumoedge.export.training import Run, read_run
 from pneumoedge.preprocessing import PreprocessSpec
@@ -121,6 +123,7 @@ def export_runs(
     provenance: Optional[dict[str, Any]] = None,
     heatmaps: bool = True,
     heatmap_layer: Optional[str] = None,
+    ood: bool = True,
     progress: Progress = _quiet,
 ) -> BundleResult:
     """Export trained runs to one ensemble bundle, parity-checked, optionally with int8 members.
@@ -254,13 +257,41 @@ def export_runs(
                         f"(max diff {ensemble_check['max_prob_diff']:.4f}); fp32 stays the default precision"
                     )
 
+        ood_summary: dict[str, Any] = {}
+        if ood:
+            sources = _fit_ood(runs, [m.name for m in members], sources, work, ood_summary, progress)
         record = _provenance(runs, members, metrics, threshold_info, provenance)
+        if ood_summary:
+            record["out_of_distribution"] = ood_summary
         manifest = write_bundle(
             out, sources, labels=labels, task=task, threshold=threshold,
             threshold_method=threshold_info["description"] if threshold_info else "argmax (multiclass)",
             provenance=record, name=name or out.name, default_precision="int8" if int8 and int8_ok else "fp32",
         )
     return BundleResult(out, manifest, members, threshold_info, metrics, time.perf_counter() - started, steps)
+
+
+def _fit_ood(
+    runs: Sequence[Run], names: Sequence[str], sources: list[MemberSource], work: Path, summary: dict[str, Any], progress: Progress
+) -> list[MemberSource]:
+    """Each run's members (fp32 and int8) with statistics fitted on the run's training images."""
+    fitted: dict[tuple[str, str], MemberSource] = {}
+    for run, name in zip(runs, names):
+        files = [Path(e["path"]) for e in run.split()["train"] if Path(e["path"]).is_file()]
+        own = [s for s in sources if s.name == name]
+        if len(files) < 10:
+            summary[name] = {"available": False, "reason": f"only {len(files)} training images found on disk"}
+            continue
+        used = len(pick_references(files))
+        progress(f"fitting {name}'s out-of-distribution statistics on {used} of its training images")
+        own, summary[name] = with_ood(own, files, work, described=f"{used} training images of run {run.run_dir.name}")
+        for source in own:
+            fitted[(source.name, source.precision)] = source
+        for precision in ("fp32", "int8"):
+            meta = summary[name].get(precision)
+            if isinstance(meta, dict) and meta.get("threshold"):
+                progress(f"  {precision}: threshold {meta['threshold']:.3g} (99th percentile of {meta['heldout_images']} held-out images), shrinkage {meta['shrinkage']:.3f}")
+    return [fitted.get((s.name, s.precision), s) for s in sources]
 
 
 def _decide(probs: np.ndarray, threshold: Optional[float]) -> np.ndarray:
@@ -341,6 +372,7 @@ def export_foreign(
     name: Optional[str] = None,
     heatmaps: bool = True,
     heatmap_layer: Optional[str] = None,
+    reference: Optional[Union[str, Path]] = None,
     progress: Progress = _quiet,
 ) -> BundleResult | ExportResult:
     """Export a Keras model pneumoedge did not train, with its spec declared.
@@ -391,7 +423,14 @@ def export_foreign(
             if explain:
                 explain = {**explain, "int8_check": int8_heatmap_check(result.onnx_path, q.int8_path, calib)}
             sources.append(MemberSource(q.int8_path, member_name, spec, "int8", 1.0, result.card.activation, explain))
+        reference = reference if reference is not None else calibration
+        ood_summary: dict[str, Any] = {"available": False, "reason": "no --reference (or --calibration) folder given"}
+        if reference is not None:
+            files = reference_files(reference)
+            progress(f"fitting out-of-distribution statistics on {len(files)} images from {reference}")
+            sources, ood_summary = with_ood(sources, files, Path(tmp), described=f"{len(files)} images from {reference}")
         record = {
+            "out_of_distribution": ood_summary,
             "created_by": "pneumoedge export (foreign model, spec declared by the user)",
             "source_model": str(model),
             "synthetic": False,

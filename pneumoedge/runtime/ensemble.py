@@ -22,9 +22,11 @@ from pneumoedge.explain import Explanation
 from pneumoedge.explain.maps import combine as combine_maps
 from pneumoedge.explain.maps import original_size, work_grid
 from pneumoedge.explain.overlay import to_display_gray
-from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, Manifest, ModelCard, card_from_metadata, read_manifest
+from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, Manifest, ModelCard, card_from_metadata, read_manifest, verify_file
 from pneumoedge.imageio import ImageError, ImageSource, read_bytes
 from pneumoedge.preprocessing import read_for, to_tensor
+from pneumoedge.runtime.ood import OodError, OodStats
+from pneumoedge.runtime.ood import combine as ood_combine
 from pneumoedge.runtime.sessions import create_session
 from pneumoedge.runtime.tuning import resolve, rule
 
@@ -124,14 +126,31 @@ class LoadedMember:
         name = (self.card.explain or {}).get("heatmap_output")
         return name if name and name in {o.name for o in self.session.get_outputs()} else None
 
+    @property
+    def features_output(self) -> Optional[str]:
+        """The graph's pooled-features output (what the out-of-distribution score reads), if any."""
+        name = (self.card.explain or {}).get("features_output")
+        return name if name and name in {o.name for o in self.session.get_outputs()} else None
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run a batch of tensors; return (N, K) probabilities (activation applied)."""
-        return self._probabilities(self._run([self.output_name], batch)[0], len(batch))
+        return self.run_outputs(batch)[0]
 
     def run_explained(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, K) probabilities and (N, h, w) raw heatmaps, from one run of the graph."""
-        raw, maps = self._run([self.output_name, self.heatmap_output], batch)
-        return self._probabilities(raw, len(batch)), np.asarray(maps, dtype=np.float32)
+        probs, maps, _ = self.run_outputs(batch, heatmap=True)
+        return probs, maps  # type: ignore[return-value]
+
+    def run_outputs(
+        self, batch: np.ndarray, *, heatmap: bool = False, features: bool = False
+    ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """One run: (N, K) probabilities, and when asked (N, h, w) raw heatmaps and (N, C) features."""
+        names = [self.output_name] + ([self.heatmap_output] if heatmap else []) + ([self.features_output] if features else [])
+        outputs = self._run(names, batch)
+        probs = self._probabilities(outputs[0], len(batch))
+        maps = np.asarray(outputs[1], dtype=np.float32) if heatmap else None
+        feats = np.asarray(outputs[-1]).reshape(len(batch), -1) if features else None
+        return probs, maps, feats
 
     def _run(self, names: list, batch: np.ndarray) -> list:
         # Only the named outputs are copied out: plain runs never fetch the heatmaps.
@@ -208,6 +227,7 @@ class Ensemble:
         self._decode_keys = sorted({m.card.spec.decode_key for m in members})
         self._explain_lock = threading.Lock()
         self._map_sources: dict[str, tuple[Optional[LoadedMember], str]] = {}
+        self._ood = [_ood_stats(manifest, m) for m in self.members]
 
     @property
     def provider(self) -> str:
@@ -228,8 +248,8 @@ class Ensemble:
         """Run every member on its (N, ...) batch; return (members, N, labels) probabilities."""
         return np.stack([m.run(batch) for m, batch in zip(self.members, per_member)])
 
-    def combine(self, source: str, member_probs: np.ndarray) -> Prediction:
-        """Build a Prediction from one input's (members, labels) probabilities."""
+    def combine(self, source: str, member_probs: np.ndarray, ood_score: Optional[float] = None) -> Prediction:
+        """Build a Prediction from one input's (members, labels) probabilities (and OOD score)."""
         mean = np.tensordot(self._weights, member_probs, axes=1)
         if self.task == "binary":
             index = 1 if mean[1] >= self.threshold else 0
@@ -249,6 +269,8 @@ class Ensemble:
             disagreement=spread,
             threshold=self.threshold,
             provider=self.provider,
+            ood=None if ood_score is None else bool(ood_score >= 1.0),
+            ood_score=ood_score,
         )
 
     @property
@@ -270,6 +292,20 @@ class Ensemble:
             return ("heatmaps not available for this model: its ONNX graphs carry no heatmap output "
                     "(export with pneumoedge's heatmaps, from a Keras model whose head allows them)")
         return f"heatmaps come from {len(self.members) - len(missing)} of {len(self.members)} members; without: {', '.join(missing)}"
+
+    @property
+    def can_flag_ood(self) -> bool:
+        """Whether predictions carry `ood` / `ood_score` (some member has reference statistics)."""
+        return any(stats is not None for stats in self._ood)
+
+    @property
+    def ood_note(self) -> str:
+        """How out-of-distribution images are flagged, or why they cannot be."""
+        fitted = [(m, e) for m, e in zip(self.members, _ood_entries(self.manifest, self.members)) if e]
+        if not fitted:
+            return "cannot flag out-of-distribution images: this model carries no reference statistics (ood columns stay empty)"
+        counts = ", ".join(f"{m.name}: {e.get('reference_images', '?')} images" for m, e in fitted)
+        return f"flags images unlike its training images (Mahalanobis distance of features; statistics from {counts})"
 
     def predict(self, source: ImageSource, *, explain: bool = False) -> Prediction:
         """Predict one image (path, encoded bytes, or a uint8/uint16 pixel array).
@@ -353,26 +389,34 @@ class Ensemble:
     def _finish(self, items: list[tuple[str, "_Prepared"]], explain: bool) -> list[Prediction]:
         """Run the members on prepared inputs and combine each input's results."""
         batches = [np.stack([prepared.tensors[k] for _, prepared in items]) for k in range(len(self.members))]
+        probs, maps, scores = self._run_members(batches, explain)
+        predictions = [self.combine(name, probs[:, i], scores[i]) for i, (name, _) in enumerate(items)]
         if not explain:
-            probs = self.run_tensors(batches)
-            return [self.combine(name, probs[:, i]) for i, (name, _) in enumerate(items)]
-        probs, maps = self._run_explained(batches)
+            return predictions
         return [
-            self._explained(self.combine(name, probs[:, i]), [None if m is None else m[i] for m in maps], prepared.view)
-            for i, (name, prepared) in enumerate(items)
+            self._explained(prediction, [None if m is None else m[i] for m in maps], prepared.view)
+            for i, (prediction, (_, prepared)) in enumerate(zip(predictions, items))
         ]
 
-    def _run_explained(self, batches: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Optional[np.ndarray]]]:
-        probs, maps = [], []
-        for member, batch in zip(self.members, batches):
-            source = self._map_source(member)
+    def _run_members(self, batches: Sequence[np.ndarray], explain: bool) -> tuple[np.ndarray, list, list[Optional[float]]]:
+        """(members, N, labels) probabilities, each member's maps (explain) and each input's OOD score."""
+        probs, maps, distances = [], [], []
+        for member, batch, stats in zip(self.members, batches, self._ood):
+            source = self._map_source(member) if explain else None
             if source is member:
-                p, heat = member.run_explained(batch)
+                p, heat, feats = member.run_outputs(batch, heatmap=True, features=stats is not None)
             else:
-                p, heat = member.run(batch), (None if source is None else source.run_explained(batch)[1])
+                p, _, feats = member.run_outputs(batch, features=stats is not None)
+                heat = None if source is None else source.run_outputs(batch, heatmap=True)[1]
             probs.append(p)
             maps.append(heat)
-        return np.stack(probs), maps
+            distances.append(None if stats is None else stats.distances(feats))
+        fitted = [(d, s.threshold, w) for d, s, w in zip(distances, self._ood, self._weights) if s is not None]
+        count = len(batches[0])
+        scores: list[Optional[float]] = [None] * count
+        if fitted:
+            scores = [ood_combine([d[i] for d, _, _ in fitted], [t for _, t, _ in fitted], [w for _, _, w in fitted]) for i in range(count)]
+        return np.stack(probs), maps, scores
 
     def _map_source(self, member: LoadedMember) -> Optional[LoadedMember]:
         """The graph that gives `member`'s heatmap: itself, its fp32 sibling, or none."""
@@ -431,6 +475,27 @@ class _Prepared(NamedTuple):
 
     tensors: list
     view: Optional[tuple[np.ndarray, tuple[int, int]]]
+
+
+def _ood_entries(manifest: Optional[Manifest], members: Sequence[LoadedMember]) -> list[Optional[dict]]:
+    if manifest is None:
+        return [None] * len(members)
+    entries = {(e.name, e.precision): e.ood for e in manifest.members}
+    return [entries.get((m.name, m.precision)) for m in members]
+
+
+def _ood_stats(manifest: Optional[Manifest], member: LoadedMember) -> Optional[OodStats]:
+    """A bundle member's out-of-distribution statistics, checksummed and read (None without)."""
+    entry = _ood_entries(manifest, [member])[0]
+    if not entry:
+        return None
+    if member.features_output is None:
+        raise BundleError(f"{member.source}: has out-of-distribution statistics but its graph gives no features output")
+    verify_file(entry["path"], entry["sha256"])
+    try:
+        return OodStats.load(entry["path"])
+    except OodError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _map_source_for(ensemble: Ensemble, member: LoadedMember) -> tuple[Optional[LoadedMember], str]:

@@ -42,6 +42,8 @@ class RunSummary:
     skipped: int = 0
     resumed: int = 0
     overlays: int = 0
+    #: Classified images flagged as unlike the model's training images.
+    ood: int = 0
     labels: Counter = field(default_factory=Counter)
     #: The first few failures, (path, reason), for the summary; all of them are in the results.
     first_errors: list = field(default_factory=list)
@@ -210,6 +212,7 @@ def run_folder(
                     summary.ok += 1
                     summary.labels[prediction.label] += 1
                     summary.overlays += bool(prediction.overlay_path)
+                    summary.ood += prediction.ood is True
                 else:
                     summary.failed(prediction.source, prediction.error)
                 elapsed = time.perf_counter() - start

@@ -1,0 +1,134 @@
+"""Out-of-distribution score: how far an image's features lie from the model's training images.
+
+Each member's graph gives the global average of its feature layer (the layer the heatmaps
+explain) beside its probabilities, from the same run. At export, those features are collected
+on reference images (the training images), and this module fits their mean and a shrunk
+covariance (Ledoit-Wolf shrinkage towards a scaled identity: the features are wide and the
+reference sets small, so the plain sample covariance would be singular or unstable), keeping
+a fifth of the images out to set the threshold at their 99th percentile of Mahalanobis
+distance (Lee et al. 2018). At run time the same function scores every image.
+
+An ensemble combines its members' evidence as the weighted mean (ensemble weights) of each
+member's distance divided by that member's threshold: `ood_score` 1.0 is the flag's
+threshold, 2.0 twice as far as the held-out training images at their 99th percentile.
+A distance in feature space is evidence, not a guarantee: an image can resemble the training
+data in these features and still be unlike it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+METHOD = "Mahalanobis distance of pooled feature-layer activations, Ledoit-Wolf shrunk covariance (Lee et al. 2018)"
+DEFAULT_PERCENTILE = 99.0
+HELDOUT_FRACTION = 0.2
+
+
+class OodError(ValueError):
+    """Statistics that cannot be fitted or read."""
+
+
+@dataclass(frozen=True)
+class OodStats:
+    """One member's reference statistics: features' mean, inverse shrunk covariance, threshold."""
+
+    mean: np.ndarray  # (C,) float64
+    precision: np.ndarray  # (C, C) float64, inverse of the shrunk covariance
+    threshold: float  # distance at the held-out reference images' percentile
+
+    @property
+    def width(self) -> int:
+        return int(self.mean.shape[0])
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row of `features` (N, C): the one scoring function."""
+        centred = np.asarray(features, dtype=np.float64).reshape(len(features), -1) - self.mean
+        squared = np.einsum("nc,cd,nd->n", centred, self.precision, centred)
+        return np.sqrt(np.maximum(squared, 0.0))
+
+    def save(self, path: Union[str, Path]) -> Path:
+        with open(path, "wb") as handle:
+            np.savez(handle, mean=self.mean, precision=self.precision, threshold=np.float64(self.threshold))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "OodStats":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                mean = np.asarray(data["mean"], dtype=np.float64)
+                precision = np.asarray(data["precision"], dtype=np.float64)
+                threshold = float(data["threshold"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise OodError(f"{path}: unreadable out-of-distribution statistics ({exc})") from None
+        if mean.ndim != 1 or precision.shape != (mean.shape[0], mean.shape[0]) or not threshold > 0:
+            raise OodError(f"{path}: out-of-distribution statistics have inconsistent shapes {mean.shape}, {precision.shape}")
+        return cls(mean, precision, threshold)
+
+
+def ledoit_wolf_shrinkage(centred: np.ndarray) -> float:
+    """Ledoit-Wolf (2004) shrinkage intensity towards (trace / C) * I, for centred samples (n, C)."""
+    n, p = centred.shape
+    x2 = centred**2
+    trace_per_feature = x2.sum(axis=0) / n
+    mu = trace_per_feature.sum() / p
+    beta_sum = float(np.sum(x2.T @ x2))
+    delta_sum = float(np.sum((centred.T @ centred) ** 2)) / n**2
+    beta = (beta_sum / n - delta_sum) / (p * n)
+    delta = (delta_sum - 2.0 * mu * trace_per_feature.sum() + p * mu**2) / p
+    beta = min(beta, delta)
+    return 0.0 if beta <= 0 or delta <= 0 else float(beta / delta)
+
+
+def fit(
+    features: np.ndarray, *, percentile: float = DEFAULT_PERCENTILE, heldout_fraction: float = HELDOUT_FRACTION, seed: int = 0
+) -> tuple[OodStats, dict[str, Any]]:
+    """Fit statistics on reference features (N, C); the threshold comes from a held-out part.
+
+    Returns the statistics and what `info` should say about them (counts, shrinkage, threshold).
+    """
+    features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    n, width = features.shape
+    if n < 10:
+        raise OodError(f"out-of-distribution statistics need at least 10 reference images, got {n}")
+    if not np.all(np.isfinite(features)):
+        raise OodError("reference features contain NaN or infinite values")
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(2, int(round(n * heldout_fraction)))
+    fit_rows, held_rows = features[order[held:]], features[order[:held]]
+    mean = fit_rows.mean(axis=0)
+    centred = fit_rows - mean
+    covariance = centred.T @ centred / len(fit_rows)
+    shrinkage = ledoit_wolf_shrinkage(centred)
+    scale = float(np.trace(covariance)) / width
+    if scale <= 0:
+        raise OodError("reference features do not vary: all images look the same to this model")
+    shrunk = (1.0 - shrinkage) * covariance + shrinkage * scale * np.eye(width)
+    shrunk += 1e-9 * scale * np.eye(width)  # keeps the inverse finite when shrinkage is ~0
+    precision = np.linalg.inv(shrunk)
+    precision = (precision + precision.T) / 2.0
+    partial = OodStats(mean, precision, 1.0)
+    held_distances = partial.distances(held_rows)
+    threshold = float(np.percentile(held_distances, percentile))
+    stats = OodStats(mean, precision, max(threshold, 1e-12))
+    meta = {
+        "method": METHOD,
+        "features": int(width),
+        "reference_images": int(len(fit_rows)),
+        "heldout_images": int(held),
+        "percentile": float(percentile),
+        "threshold": round(stats.threshold, 6),
+        "shrinkage": round(shrinkage, 6),
+        "heldout_flagged": float(np.mean(held_distances >= stats.threshold)),
+    }
+    return stats, meta
+
+
+def combine(distances: Sequence[float], thresholds: Sequence[float], weights: Sequence[float]) -> float:
+    """An ensemble's `ood_score`: the weighted mean of members' distance / threshold ratios."""
+    ratios = np.asarray(distances, dtype=np.float64) / np.asarray(thresholds, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    return float((ratios * w).sum() / w.sum())
