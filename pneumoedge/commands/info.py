@@ -60,6 +60,9 @@ def info(
         head.add_row("precisions", f"{', '.join(described['precisions'])} (default {described['default_precision']})")
     head.add_row("this computer", f"{described['machine']['cpu']} ({cpu_info().flags_text})")
     head.add_row("configuration", configuration.describe())
+    heat = described["heatmaps"]
+    head.add_row("heatmaps", f"yes: Grad-CAM of the {heat['score']}" + (f" ({heat['note']})" if heat["note"] else "") if heat["available"] else heat["note"])
+    head.add_row("out of distribution", described["out_of_distribution"]["note"])
     console.print(head)
     members = Table(title="members", title_justify="left")
     for column in ("name", "precision", "weight", "input", "resize", "scaling", "file"):

@@ -464,9 +464,20 @@ class Ensemble:
                     "activation": m.card.activation,
                     "provider": m.provider,
                     "spec": m.card.spec.to_dict(),
+                    "heatmap_layer": (m.card.explain or {}).get("layer") if m.heatmap_output else None,
                 }
                 for m in self.members
             ],
+            "heatmaps": {
+                "available": self.can_explain,
+                "score": next((str(m.card.explain.get("score")) for m in self.members if m.heatmap_output and m.card.explain), None),
+                "note": self.explain_note,
+            },
+            "out_of_distribution": {
+                "available": self.can_flag_ood,
+                "note": self.ood_note,
+                "members": {m.name: {k: v for k, v in e.items() if k != "path"} for m, e in zip(self.members, _ood_entries(self.manifest, self.members)) if e},
+            },
         }
 
 
