@@ -5,7 +5,7 @@ respect to the feature map A by central finite differences (float64), averaged o
 channel, then ReLU(sum_c alpha_c A_c).
 
     NCHW: input -> Conv -> Relu (A) -> GlobalAveragePool -> Flatten -> Gemm -> [Softmax|Sigmoid]
-    NHWC: input -> Transpose -> Conv -> Relu -> Transpose (A) -> ReduceMean[1,2] -> MatMul -> Add
+    NHWC: input -> Transpose -> Conv -> Relu (A) -> Transpose -> ReduceMean[1,2] -> MatMul -> Add
 """
 
 from __future__ import annotations
@@ -101,30 +101,75 @@ def test_nhwc_reduce_mean_head_gets_the_same_closed_form(tmp_path: Path) -> None
     spec = PreprocessSpec(height=12, width=12, color="gray")
     original = onnx.load(str(path))
     explained, record = add_heatmap_outputs(original, spec, LABELS2)
-    assert record["layer"] == "features_nhwc" and record["layout"] == "NHWC"
+    assert record["layer"] == "features"  # the NCHW map before tf2onnx's Transpose -> ReduceMean
     x = np.random.default_rng(2).random((3, 12, 12, 1), dtype=np.float32)
-    heat = _session(explained).run(["pneumoedge_heatmap"], {"input": x})[0]
+    heat, feats = _session(explained).run(["pneumoedge_heatmap", "pneumoedge_features"], {"input": x})
     a = _session(_with_output(original, "features_nhwc")).run(["features_nhwc"], {"input": x})[0]  # (N, h, w, C)
+    np.testing.assert_allclose(feats, a.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
     logits = _head(weights(1, 8, 1, 4), lambda t: t.mean(axis=(1, 2)))
     for n in range(len(x)):
         expected = gradcam_by_finite_differences(a[n].transpose(2, 0, 1), lambda t: logits(t)[0])
         np.testing.assert_allclose(heat[n], expected, rtol=1e-4, atol=1e-6)
 
 
-def test_wrapping_keeps_output_0_bit_for_bit_whether_or_not_heatmaps_stay(tmp_path: Path) -> None:
-    """onnxruntime may optimise a graph differently once a tensor has a second consumer; the
-    wrapper then leaves the heatmap out rather than change output 0 (seen on tf2onnx-style NHWC)."""
+def test_a_channels_last_map_without_a_transpose(tmp_path: Path) -> None:
+    """input (N, H, W, C) -> Relu (A, NHWC) -> ReduceMean [1, 2] -> MatMul -> Add -> output (N, 2)"""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    w, b = rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["a"]), helper.make_node("ReduceMean", ["a"], ["pooled"], axes=[1, 2], keepdims=0),
+         helper.make_node("MatMul", ["pooled", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["logits"])],
+        "nhwc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6, 5, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    explained, record = add_heatmap_outputs(model, PreprocessSpec(height=6, width=5, color="rgb"), LABELS2)
+    assert record["layout"] == "NHWC" and record["map_size"] == [6, 5]
+    x = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
+    out0, heat, feats = _session(explained).run(None, {"input": x})
+    a = np.maximum(x, 0).astype(np.float64)
+    np.testing.assert_allclose(feats, a.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    for n in range(2):
+        score = lambda t: (t.mean(axis=(1, 2)) @ w + b) @ np.array([-1.0, 1.0])
+        np.testing.assert_allclose(heat[n], gradcam_by_finite_differences(a[n].transpose(2, 0, 1), score), rtol=1e-4, atol=1e-6)
+    assert np.array_equal(out0, _session(model).run(None, {"input": x})[0])
+
+
+def test_wrapping_keeps_heatmaps_for_both_layouts_with_output_0_bit_for_bit(tmp_path: Path) -> None:
     for layout, channels in (("NCHW", 3), ("NHWC", 1)):
         path = cnn(tmp_path / f"{layout}.onnx", size=(150, 150), channels=channels, layout=layout, classes=1, head="sigmoid")
         spec = PreprocessSpec(height=150, width=150, color="rgb" if channels == 3 else "gray", layout=layout)
         result = wrap_onnx(path, tmp_path / f"{layout}.w.onnx", spec=spec, labels=LABELS2, head="sigmoid")
-        assert result.equality["identical"] and result.equality["graph_unchanged"]
-        if result.explain is None:
-            assert layout == "NHWC" and "left out" in result.heatmap_note
-        else:
-            names = [o.name for o in onnx.load(str(result.onnx_path)).graph.output]
-            assert names == ["probs", "pneumoedge_heatmap", "pneumoedge_features"]
-        assert (result.explain is not None) or layout == "NHWC"  # PyTorch-style graphs keep their heatmaps
+        assert result.equality["identical"] and result.equality["graph_unchanged"], layout
+        assert result.explain is not None, result.heatmap_note
+        names = [o.name for o in onnx.load(str(result.onnx_path)).graph.output]
+        assert names == ["probs", "pneumoedge_heatmap", "pneumoedge_features"]
+
+
+def test_heatmaps_are_left_out_when_they_would_change_output_0(tmp_path: Path, monkeypatch) -> None:
+    """onnxruntime may optimise a graph differently once a tensor has a second consumer; if that
+    ever moved output 0 by a bit, the wrapper keeps the original graph and says so."""
+    import pneumoedge.export.onnx_wrap as onnx_wrap
+
+    def nudging(model, spec, labels):
+        grown, record = add_heatmap_outputs(model, spec, labels)
+        last = next(n for n in grown.graph.node if "logits" in n.output)
+        last.output[0] = "logits_before"
+        grown.graph.node.append(onnx.helper.make_node("Mul", ["logits_before", "nudge"], ["logits"], name="pneumoedge_cam_nudge"))
+        grown.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.0001, np.float32), "pneumoedge_cam_nudge_value"))
+        grown.graph.node[-1].input[1] = "pneumoedge_cam_nudge_value"
+        return grown, record
+
+    monkeypatch.setattr(onnx_wrap, "add_heatmap_outputs", nudging)
+    path = cnn(tmp_path / "m.onnx", size=(32, 32), channels=3)
+    result = wrap_onnx(path, tmp_path / "w.onnx", spec=PreprocessSpec(height=32, width=32, color="rgb", layout="NCHW"),
+                       labels=LABELS2, head="logits")
+    assert result.explain is None and "left out" in result.heatmap_note
+    assert result.equality["identical"] and result.equality["graph_unchanged"]
+    assert [o.name for o in onnx.load(str(result.onnx_path)).graph.output] == ["logits"]
 
 
 def test_other_heads_say_heatmaps_are_not_available_and_still_wrap(tmp_path: Path) -> None:

@@ -127,7 +127,14 @@ def find_gap_linear_head(graph: Any) -> GapLinearHead:
             raise HeatmapUnavailable(f"{NOT_AVAILABLE}: ReduceMean over axes {axes}, not the spatial axes")
     else:
         raise HeatmapUnavailable(f"{NOT_AVAILABLE}: the features come from {pooled_node.op_type}")
-    return GapLinearHead(pooled_node.input[0], pooled_node.output[0], layout, weights)
+    feature_map = pooled_node.input[0]
+    before = producer(feature_map)
+    if layout == "NHWC" and before is not None and before.op_type == "Transpose" and list(_attr(before, "perm", [])) == [0, 2, 3, 1]:
+        # tf2onnx writes NCHW convolutions, then Transpose -> ReduceMean. Read the map before the
+        # Transpose: a second consumer after it stops onnxruntime from folding the Transpose into
+        # the ReduceMean, which changes output 0 in its last bits.
+        feature_map, layout = before.input[0], "NCHW"
+    return GapLinearHead(feature_map, pooled_node.output[0], layout, weights)
 
 
 def _feature_map_shape(model: Any, name: str, spec: PreprocessSpec, fixed_batch: Optional[int]) -> tuple[int, ...]:
@@ -221,7 +228,11 @@ def add_heatmap_outputs(model: Any, spec: PreprocessSpec, labels: Sequence[str])
             product = node("MatMul", [channels_last, column], PREFIX + "product")
             raw = node("Reshape", [product, const("map_shape", np.array([-1, h, w], dtype=np.int64))], PREFIX + "raw")
     node("Relu", [raw], HEATMAP_OUTPUT)
-    node("Reshape", [head.pooled, const("features_shape", np.array([-1, channels], dtype=np.int64))], FEATURES_OUTPUT)
+    # The pooled features are computed again from the map rather than read from the graph's own
+    # pooled tensor: a second consumer there, too, changes how onnxruntime optimises the head.
+    nchw = head.feature_map if head.layout == "NCHW" else node("Transpose", [head.feature_map], PREFIX + "nchw", perm=[0, 3, 1, 2])
+    pooled = node("GlobalAveragePool", [nchw], PREFIX + "pooled")
+    node("Flatten", [pooled], FEATURES_OUTPUT, axis=1)
     batch: Any = fixed_batch if fixed_batch else (batch_dim.dim_param if batch_dim is not None and batch_dim.dim_param else "N")
     g.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT, [batch, h, w]))
     g.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, [batch, channels]))
