@@ -179,6 +179,16 @@ def test_sr_says_what_how_sure_which_model_and_points_at_the_image(ensemble) -> 
     assert other.SOPInstanceUID != sr.SOPInstanceUID and other.SeriesInstanceUID == sr.SeriesInstanceUID
 
 
+def test_sr_for_a_header_without_optional_patient_and_study_attributes(ensemble) -> None:
+    source = _header(chest_instance(seed=7))
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyTime"):
+        delattr(source, keyword)
+    prediction = ensemble.predict(chest_instance(seed=7))
+    sr = report.build_sr(source, prediction, report.model_identity(ensemble))
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
+    assert "PatientBirthDate" not in source  # the header itself is left as it was
+
+
 def test_sr_states_out_of_distribution_in_plain_words(ensemble) -> None:
     source = _header(chest_instance(seed=5))
     prediction = Prediction(

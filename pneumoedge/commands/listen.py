@@ -182,7 +182,8 @@ def _print_summary(summary: dict) -> None:
         f"pneumoedge listen: received {summary['received']}, classified {summary['ok']} ({labels}), "
         f"skipped {summary['skipped']}, errors {summary['errors']}, duplicates {summary['duplicates']}, "
         f"result objects sent {summary['objects_sent']}, waiting in the outbox {summary['outbox']}, "
-        f"left in the spool {summary['spool']}; results in {summary['results']}",
+        f"left in the spool {summary['spool']}; time spent classifying {summary['classify_s']:.1f} s, "
+        f"building result objects {summary['report_s']:.1f} s; results in {summary['results']}",
         highlight=False, soft_wrap=True,
     )
     if summary["last_send_error"] and summary["outbox"]:

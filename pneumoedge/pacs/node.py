@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pneumoedge.pacs import report
 from pneumoedge.pacs.ledger import Ledger, find_results, results_file
 from pneumoedge.pacs.receive import Receiver
 from pneumoedge.pacs.send import Destination, Outbox, Sender
@@ -64,6 +65,7 @@ class Node:
         self.leftover = 0
 
     def start(self) -> None:
+        report.warm_up(self.ensemble)
         done = self.ledger.open()
         self.leftover = len(self.spool)
         log.info(
@@ -112,6 +114,8 @@ class Node:
             "outbox": len(self.outbox.pending()),
             "spool": len(self.spool),
             "uptime_s": time.monotonic() - self.started if self.started else 0.0,
+            "classify_s": stats.classify_s,
+            "report_s": stats.report_s,
             "results": str(self.ledger.path),
             "last_send_error": sent.last_error if sent else "",
         }

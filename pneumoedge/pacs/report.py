@@ -118,11 +118,31 @@ def notes(prediction: Prediction, identity: ModelIdentity) -> list[str]:
     return lines
 
 
+#: Type 2 patient/study attributes highdicom reads from the evidence; many real images leave some out.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2(source: Any) -> Any:
+    """The header, with absent type 2 patient/study attributes present and empty (the source is not changed)."""
+    from pydicom.dataset import Dataset
+
+    missing = [keyword for keyword in _TYPE2 if keyword not in source]
+    if not missing:
+        return source
+    filled = Dataset()
+    filled.update(source)  # a new element map sharing the elements, which are not changed
+    for keyword in missing:
+        setattr(filled, keyword, "")
+    return filled
+
+
 def build_sr(source: Any, prediction: Prediction, identity: ModelIdentity) -> Any:
     """A Comprehensive SR for one classified image (`source`: its pydicom header)."""
     import highdicom as hd
     from highdicom.sr import ContainerContentItem, ImageContentItem, RelationshipTypeValues
 
+    source = _with_type2(source)
     series_uid, sop_uid = sr_uids(source, identity)
     root = ContainerContentItem(name=_code("18748-4", "LN", "Diagnostic imaging report"))
     finding = f"{prediction.label} (probability {prediction.probability:.3f}"
@@ -171,6 +191,7 @@ def build_sc(source: Any, overlay: np.ndarray, identity: ModelIdentity) -> Any:
     """A Secondary Capture of the heatmap overlay (uint8 RGB) in the source's study."""
     import highdicom as hd
 
+    source = _with_type2(source)
     series_uid, sop_uid = sc_uids(source, identity)
     overlay = np.ascontiguousarray(overlay, dtype=np.uint8)
     if overlay.ndim != 3 or overlay.shape[2] != 3:
@@ -191,6 +212,18 @@ def build_sc(source: Any, overlay: np.ndarray, identity: ModelIdentity) -> Any:
         series_description="pneumoedge heatmap (decision support, not a diagnosis)",
         software_versions=identity.version,
     )
+
+
+def warm_up(ensemble: Ensemble) -> None:
+    """Build one throw-away SR so highdicom loads its standard tables (about 1-2 s) before the first image."""
+    from pydicom.dataset import Dataset
+
+    source = Dataset()
+    source.StudyInstanceUID = source.SeriesInstanceUID = source.SOPInstanceUID = derived_uid("warm-up")
+    source.SOPClassUID, source.Modality = "1.2.840.10008.5.1.4.1.1.1.1", "DX"
+    label = ensemble.labels[0]
+    prediction = Prediction(source="warm-up", status="ok", label=label, probability=1.0, probabilities={label: 1.0}, threshold=ensemble.threshold)
+    build_sr(source, prediction, model_identity(ensemble))
 
 
 def overlay_of(prediction: Prediction) -> Optional[np.ndarray]:

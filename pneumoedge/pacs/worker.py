@@ -37,6 +37,9 @@ class WorkStats:
     duplicates: int = 0
     objects: int = 0
     busy_s: float = 0.0
+    #: Of busy_s: in predict_many (decode + models) and building/queuing SR and SC objects.
+    classify_s: float = 0.0
+    report_s: float = 0.0
 
 
 @dataclass
@@ -143,7 +146,9 @@ class Worker:
         predictions = self.ensemble.predict_many([str(j.path) for j in to_classify], batch_size=max(1, len(to_classify)), **kwargs)
         by_path = {}
         if to_classify:
+            started = time.perf_counter()
             by_path = {j.path: p for j, p in zip(to_classify, predictions)}
+            self.stats.classify_s += time.perf_counter() - started
         for job in jobs:
             if job.error:
                 prediction = Prediction(source=job.uid, status="error", error=job.error)
@@ -173,8 +178,10 @@ class Worker:
 
     def _commit(self, job: _Job, prediction: Prediction) -> None:
         if prediction.status == "ok":
+            started = time.perf_counter()
             try:
                 job.extra["sr"] = self._result_objects(job, prediction)
+                self.stats.report_s += time.perf_counter() - started
             except Exception as exc:  # noqa: BLE001 - the row still records the classification
                 log.exception("%s: could not build the result objects", job.uid)
                 prediction = dataclasses.replace(prediction, error=f"no SR: {' '.join(str(exc).split())[:300]}")
