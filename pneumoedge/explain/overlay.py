@@ -75,32 +75,47 @@ def render(
 
 
 def _band(width: int, lines: list[str], warning: Optional[str]) -> np.ndarray:
-    """Black band: text lines on the left, the colour legend on the right."""
-    scale = max(0.4, min(1.0, width / 1100))
+    """Black band: the text lines (wrapped to the width), and the colour legend."""
+    scale = max(0.45, min(0.9, width / 1000))
     thickness = 1 if scale < 0.7 else 2
-    line_h = int(30 * scale) + 6
+    line_h = int(28 * scale) + 8
+    wide = width >= 600
+    legend_w = max(120, min(260, width // 4))
+    text_room = width - 20 - (legend_w + 20 if wide else 0)
     texts = ([(warning, (255, 170, 0))] if warning else []) + [(t, (255, 255, 255)) for t in lines] + [(NOTICE, (255, 220, 120))]
-    band = np.zeros((line_h * len(texts) + 12, width, 3), dtype=np.uint8)
-    legend_w = max(80, width // 5)
-    text_room = width - legend_w - 30
-    for index, (text, colour) in enumerate(texts):
-        text_scale = scale
-        while text_scale > 0.3 and cv2.getTextSize(text, _FONT, text_scale, thickness)[0][0] > text_room:
-            text_scale -= 0.05  # long lines shrink rather than run under the legend
-        y = 6 + line_h * (index + 1) - 8
-        cv2.putText(band, text, (10, y), _FONT, text_scale, colour, thickness, cv2.LINE_AA)
-    _legend(band, width - legend_w - 10, legend_w, scale)
+    rows = [(piece, colour) for text, colour in texts for piece in _wrap(text, text_room, scale, thickness)]
+    legend_rows = 0 if wide else 2
+    band = np.zeros((line_h * (len(rows) + legend_rows) + 12, width, 3), dtype=np.uint8)
+    for index, (text, colour) in enumerate(rows):
+        cv2.putText(band, text, (10, 6 + line_h * (index + 1) - 8), _FONT, scale, colour, thickness, cv2.LINE_AA)
+    if wide:
+        _legend(band, width - legend_w - 10, 10, legend_w, scale)
+    else:
+        _legend(band, 10, 12 + line_h * len(rows), legend_w, scale)
     return band
 
 
-def _legend(band: np.ndarray, x: int, width: int, scale: float) -> None:
+def _wrap(text: str, room: int, scale: float, thickness: int) -> list[str]:
+    """Greedy word wrap to `room` pixels at this font size."""
+    out: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and cv2.getTextSize(candidate, _FONT, scale, thickness)[0][0] > room:
+            out.append(line)
+            line = word
+        else:
+            line = candidate
+    return out + ([line] if line else [])
+
+
+def _legend(band: np.ndarray, x: int, top: int, width: int, scale: float) -> None:
     ramp = np.tile(np.linspace(0, 255, width).astype(np.uint8), (12, 1))
     bar = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
-    top = 10
     band[top : top + 12, x : x + width] = bar
     low = int(width * TRANSPARENT_BELOW)
     band[top : top + 12, x : x + low] = (band[top : top + 12, x : x + low] * 0.35).astype(np.uint8)  # not drawn
-    small = max(0.35, 0.45 * scale)
+    small = max(0.4, 0.5 * scale)
     cv2.putText(band, "less", (x, top + 30), _FONT, small, (200, 200, 200), 1, cv2.LINE_AA)
     more = "more influence"
     size = cv2.getTextSize(more, _FONT, small, 1)[0][0]

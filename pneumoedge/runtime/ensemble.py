@@ -444,7 +444,8 @@ class Ensemble:
         line = f"{prediction.label}: p = {prediction.probability:.3f}"
         if self.threshold is not None:
             line += f" (threshold {self.threshold:.3f})"
-        caption = (line, f"Model: {self.name} ({len(self.members)} members). Colour: what raised the {score}.")
+        members = f"{len(self.members)} member" + ("s" if len(self.members) != 1 else "")
+        caption = (line, f"Model: {self.name} ({members}). Colour: what raised the {score}.")
         explanation = Explanation(grid_map, size, display, self.map_sources(), score, caption, ood=prediction.ood)
         return replace(prediction, explanation=explanation)
 
