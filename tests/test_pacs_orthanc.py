@@ -58,13 +58,13 @@ def node_factory(ensemble, orthanc: Orthanc, tmp_path: Path):
     """Start in-process nodes registered in Orthanc as modality PE_<n>; stopped after the test."""
     nodes: list[Node] = []
 
-    def start(**overrides) -> tuple[Node, str]:
+    def start(model=None, **overrides) -> tuple[Node, str]:
         port = free_port()
         config = NodeConfig(
             out=tmp_path / f"node{len(nodes)}", aet="PNEUMOEDGE", host=HOST, port=port,
             send_to=Destination(orthanc.aet, HOST, orthanc.dicom_port), retry_max=0.5, **overrides,
         )
-        node = Node(ensemble, config)
+        node = Node(model or ensemble, config)
         node.start()
         nodes.append(node)
         name = f"PE_{os.getpid()}_{len(nodes)}"
@@ -141,6 +141,26 @@ def test_dx_and_cr_pushed_from_orthanc_get_rows_and_srs_in_their_study(orthanc: 
     sr_file.write_bytes(orthanc.instances_of_class(uids_of(sources["DX"])[0], COMPREHENSIVE_SR)[0])
     dumped = subprocess.run([dsrdump, str(sr_file)], capture_output=True, text=True, check=True).stdout
     assert "Comprehensive SR" in dumped and "Probability of PNEUMONIA" in dumped
+
+
+def test_heatmaps_send_the_overlay_as_a_secondary_capture_in_the_same_study(orthanc: Orthanc, node_factory, tmp_path: Path) -> None:
+    explain_models = pytest.importorskip("tests.explain_models", reason="the heatmap test models are not in this checkout")
+    from pneumoedge.preprocessing import PreprocessSpec
+
+    model = load(explain_models.map_model(tmp_path / "map.onnx", PreprocessSpec(height=64, width=64, color="gray", resize="area")))
+    assert model.can_explain
+    node, name = node_factory(model=model, heatmaps=True)
+    data = chest_instance(modality="DX", seed=8)
+    study, _, sop = uids_of(data)
+    orthanc.push(name, [orthanc.upload(data)])
+    wait_for(lambda: len(objects(orthanc, study, SECONDARY_CAPTURE)) == 1 and objects(orthanc, study, COMPREHENSIVE_SR), what="SC and SR")
+    (sc,) = objects(orthanc, study, SECONDARY_CAPTURE)
+    expected = model.predict(data, explain=True).overlay(max_side=1024)
+    assert sc.StudyInstanceUID == study and sc.SeriesInstanceUID != uids_of(data)[1]
+    assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape == expected.shape
+    assert abs(sc.pixel_array.astype(int) - expected.astype(int)).max() <= 1
+    (row,) = rows_of(node)
+    assert row["SOPInstanceUID"] == sop and row["status"] == "ok"
 
 
 def test_non_chest_instance_gets_a_skipped_row_and_no_sr(orthanc: Orthanc, node_factory) -> None:
