@@ -142,6 +142,7 @@ REFUSALS = [
     ("two-outputs", _two_outputs, {}, "pneumoedge reads one"),
     ("fixed-batch-4", lambda t: cnn(t / "m.onnx", batch=4), {}, "batch axis is fixed at 4"),
     ("missing-size", lambda t: cnn(t / "m.onnx"), {"--size": None}, "--size H W"),
+    ("out-is-source", lambda t: cnn(t / "out.onnx"), {}, "the original is never overwritten"),
     ("int8-needs-calibration", lambda t: cnn(t / "m.onnx"), {"--out": "bundle", "--int8": True}, "--int8 needs --calibration"),
 ]
 
@@ -149,6 +150,7 @@ REFUSALS = [
 @pytest.mark.parametrize("make, changes, message", [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
 def test_refusals_are_one_line_exit_2(tmp_path: Path, make, changes: dict, message: str) -> None:
     source = make(tmp_path)
+    before = source.read_bytes()
     options = {"--out": "out.onnx", "--size": (32, 32), "--color": "rgb", "--layout": "NCHW", "--labels": "NORMAL,PNEUMONIA", "--head": "logits"}
     options.update(changes)
     args = ["export", source]
@@ -166,7 +168,8 @@ def test_refusals_are_one_line_exit_2(tmp_path: Path, make, changes: dict, messa
     error = text[text.index("error:"):]
     assert len(error.splitlines()) == 1, text  # one line (errors are printed with soft_wrap)
     assert message in error
-    assert not (tmp_path / "out.onnx").exists()
+    assert not (tmp_path / "out.onnx").exists() or source == tmp_path / "out.onnx"
+    assert source.read_bytes() == before  # the user's file is never touched
 
 
 def test_the_console_script_refuses_a_non_onnx_file_in_one_line(tmp_path: Path) -> None:

@@ -226,6 +226,8 @@ def wrap_onnx(
     started = time.perf_counter()
     source, out = Path(source), Path(out_path)
     where = str(source)
+    if out.resolve() == source.resolve():
+        raise ExportError(f"{out}: --out is the source file; choose another path (the original is never overwritten)")
     model = load_onnx(source)
     opset = default_opset(model)
     _, fixed_batch = check_graph(model, spec, where)
