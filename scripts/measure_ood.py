@@ -1,0 +1,298 @@
+"""Measure a bundle's out-of-distribution flag on held-out chest phantoms and on images that are not chest phantoms.
+
+    python scripts/measure_ood.py [--model BUNDLE] [--per-kind 50] [--heldout 200] [--out docs/ood_figures.json] [--seed 7]
+
+Generates, in a temporary folder (or --work), held-out chest phantoms
+(`pneumoedge.datasets.phantoms.generate_dataset` with a seed other than the bundle's training
+data, at the default bundle's X-ray size: 1024-1600 px a side, JPEG with a tenth 16-bit PNG)
+and `--per-kind` images of each kind of `pneumoedge.datasets.foreign` (natural scenes,
+documents, flat grey, noise, X-ray-like limbs and skulls, inverted / blurred / over-exposed
+phantoms), runs the model on all of them with `pneumoedge.load(model).predict_many`, and
+reports from each prediction's `ood` flag and `ood_score` (1.0 = the flag's threshold):
+the false-alarm rate on the held-out phantoms, the detection rate and AUROC per foreign kind
+and for all foreign images together, score means and medians, how many reference images the
+statistics rest on, the machine and the time taken. Prints a table and writes JSON.
+
+Exit status: 0 done; 2 a usage problem, or a model without out-of-distribution statistics
+(no score is ever invented); 1 when some image could not be read.
+
+Everything here is synthetic (no real patient, no real radiograph): the figures say how the
+flag behaves on these generated images, not how it will behave on a clinic's X-rays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+#: As scripts/build_default_bundle.py: the default bundle is trained on phantoms of this size.
+IMAGE_SIZE = ((1024, 1600), (1024, 1600))
+SIXTEEN_BIT_FRACTION = 0.1
+FALSE_ALARM_TARGET = 0.02
+NOTICE = ("Synthetic images only (generated phantoms and foreign images; no real patient or radiograph). "
+          "The out-of-distribution flag is evidence, not a guarantee; results are decision support, never a diagnosis.")
+
+log = logging.getLogger("measure_ood")
+
+
+# --- metrics (pure numpy; tested in tests/test_ood_metrics.py) ---------------------------------
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of `values`, tied values sharing the mean of their ranks."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    _, start, counts = np.unique(ordered, return_index=True, return_counts=True)
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat(start + (counts + 1) / 2.0, counts)
+    return ranks
+
+
+def auroc(negatives: Sequence[float], positives: Sequence[float]) -> Optional[float]:
+    """Area under the ROC curve of a score meant to be larger for `positives` (rank-based, ties count half).
+
+    The Mann-Whitney U statistic over n_neg * n_pos pairs; None when either side is empty.
+    """
+    neg, pos = np.asarray(negatives, dtype=np.float64), np.asarray(positives, dtype=np.float64)
+    if neg.size == 0 or pos.size == 0:
+        return None
+    if not (np.all(np.isfinite(neg)) and np.all(np.isfinite(pos))):
+        raise ValueError("scores must be finite")
+    ranks = average_ranks(np.concatenate([neg, pos]))
+    u = ranks[neg.size:].sum() - pos.size * (pos.size + 1) / 2.0
+    return float(u / (neg.size * pos.size))
+
+
+def flag_rate(flags: Sequence[bool]) -> Optional[float]:
+    """Share of True in `flags`; None for none."""
+    flags = np.asarray(flags, dtype=bool)
+    return float(flags.mean()) if flags.size else None
+
+
+def score_summary(scores: Sequence[float]) -> dict[str, Optional[float]]:
+    """Mean, median, min and max of scores (None when empty)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size == 0:
+        return {"mean": None, "median": None, "min": None, "max": None}
+    return {"mean": float(s.mean()), "median": float(np.median(s)), "min": float(s.min()), "max": float(s.max())}
+
+
+def summarise(groups: dict[str, tuple[list[bool], list[float]]], reference: str = "heldout") -> dict[str, Any]:
+    """Figures per group from (flags, scores): flag rate, scores, AUROC against `reference`.
+
+    `groups[reference]` holds the in-distribution images; every other group is foreign, and
+    "all_foreign" pools them.
+    """
+    if reference not in groups:
+        raise ValueError(f"no {reference!r} group")
+    ref_flags, ref_scores = groups[reference]
+    foreign = [k for k in groups if k != reference]
+    rows: dict[str, Any] = {reference: {"images": len(ref_flags), "flagged": int(np.sum(ref_flags)),
+                                        "false_alarm_rate": flag_rate(ref_flags), **score_summary(ref_scores)}}
+    pooled_flags: list[bool] = []
+    pooled_scores: list[float] = []
+    for kind in foreign:
+        flags, scores = groups[kind]
+        pooled_flags += list(flags)
+        pooled_scores += list(scores)
+        rows[kind] = {"images": len(flags), "flagged": int(np.sum(flags)), "detection_rate": flag_rate(flags),
+                      "auroc": auroc(ref_scores, scores), **score_summary(scores)}
+    rows["all_foreign"] = {"images": len(pooled_flags), "flagged": int(np.sum(pooled_flags)), "detection_rate": flag_rate(pooled_flags),
+                           "auroc": auroc(ref_scores, pooled_scores), **score_summary(pooled_scores)}
+    return rows
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    try:
+        from pneumoedge.runtime.machine import cpu_info
+
+        cpu = cpu_info().to_dict()
+    except ImportError:  # an older checkout without the machine module
+        cpu = {"cpu": platform.processor(), "logical_cores": os.cpu_count()}
+    import onnxruntime
+
+    return {**cpu, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+
+
+def _ood_entries(ensemble: Any) -> list[dict[str, Any]]:
+    """Each member's recorded statistics ("ood" in the manifest): counts, threshold, method."""
+    described = ensemble.describe().get("out_of_distribution", {}).get("members", {})
+    return [{"member": name, **entry} for name, entry in described.items()]
+
+
+def _training_seed(ensemble: Any) -> Optional[int]:
+    """The phantom seed the bundle was trained on, when its provenance names one."""
+    manifest = getattr(ensemble, "manifest", None)
+    text = str((getattr(manifest, "provenance", None) or {}).get("data_generator", ""))
+    match = re.search(r"generate_dataset\(seed=(\d+)", text)
+    return int(match.group(1)) if match else None
+
+
+def _heldout_counts(n: int) -> dict[str, dict[str, int]]:
+    normal = n // 2
+    bacteria = (n - normal) // 2
+    return {"test": {"normal": normal, "bacteria": bacteria, "virus": n - normal - bacteria}}
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"measure_ood: {message}", file=sys.stderr)
+    return code
+
+
+def measure(args: argparse.Namespace, work: Path) -> int:
+    import pneumoedge
+    from pneumoedge.bundle import BundleError
+    from pneumoedge.datasets.foreign import FOREIGN_KINDS, write_foreign
+    from pneumoedge.datasets.phantoms import generate_dataset
+
+    started = time.perf_counter()
+    try:
+        ensemble = pneumoedge.load(args.model, threads=args.threads)
+    except (BundleError, OSError, ValueError) as exc:
+        return _fail(f"cannot load model {args.model or '(default bundle)'}: {exc}")
+    if not getattr(ensemble, "can_flag_ood", False):
+        return _fail(f"{args.model or 'the default bundle'} carries no out-of-distribution statistics: nothing to measure "
+                     "(re-export it with statistics; no score is invented)")
+    training_seed = _training_seed(ensemble)
+    if training_seed is not None and training_seed == args.seed:
+        return _fail(f"--seed {args.seed} is the seed of the bundle's training phantoms: held-out images must differ; choose another")
+
+    log.info("generating %d held-out phantoms and %d images of each of %d foreign kinds in %s", args.heldout, args.per_kind, len(FOREIGN_KINDS), work)
+    heldout_root = generate_dataset(work / "heldout", counts=_heldout_counts(args.heldout), size=args.size, seed=args.seed,
+                                    sixteen_bit_fraction=SIXTEEN_BIT_FRACTION)
+    heldout = sorted(p for p in (heldout_root / "test").rglob("*") if p.suffix in (".jpeg", ".png"))
+    foreign = write_foreign(work / "foreign", per_kind=args.per_kind, size=args.size, seed=args.seed)
+    generated_s = time.perf_counter() - started
+
+    groups_of = [("heldout", p) for p in heldout] + [(kind, p) for kind, paths in foreign.items() for p in paths]
+    groups: dict[str, tuple[list[bool], list[float]]] = {"heldout": ([], []), **{k: ([], []) for k in foreign}}
+    by_class: dict[str, tuple[list[bool], list[float]]] = {}
+    errors, unscored = [], []
+    predict_started = time.perf_counter()
+    for i, ((group, path), prediction) in enumerate(zip(groups_of, ensemble.predict_many([p for _, p in groups_of], batch_size=args.batch_size)), 1):
+        if prediction.status != "ok":
+            errors.append(f"{path.name}: {prediction.error}")
+        elif prediction.ood_score is None or prediction.ood is None:
+            unscored.append(path.name)
+        else:
+            groups[group][0].append(bool(prediction.ood))
+            groups[group][1].append(float(prediction.ood_score))
+            if group == "heldout":
+                flags, scores = by_class.setdefault(path.parent.name, ([], []))
+                flags.append(bool(prediction.ood))
+                scores.append(float(prediction.ood_score))
+        if i % 100 == 0 or i == len(groups_of):
+            log.info("%d/%d images scored", i, len(groups_of))
+    predict_s = time.perf_counter() - predict_started
+    if errors:
+        for line in errors:
+            print(f"measure_ood: unreadable: {line}", file=sys.stderr)
+    scored = sum(len(f) for f, _ in groups.values())
+    if scored == 0:
+        return _fail("the model gave no ood_score for any image: it carries no usable out-of-distribution statistics (no score is invented)")
+    if unscored:
+        print(f"measure_ood: {len(unscored)} ok rows without an ood score (left out of the figures): {', '.join(unscored[:5])}", file=sys.stderr)
+
+    figures = summarise(groups)
+    describe = ensemble.describe()
+    result = {
+        "notice": NOTICE,
+        "model": str(args.model) if args.model else "models/default (the bundled default model, trained on synthetic phantoms)",
+        "model_name": getattr(ensemble, "name", None),
+        "members": [m["name"] + f" ({m['precision']})" for m in describe["members"]],
+        "ood_method": describe.get("out_of_distribution", {}).get("note"),
+        "statistics": _ood_entries(ensemble),
+        "flag": "ood is True when ood_score >= 1.0 (the held-out reference images' 99th percentile of distance, per member; weighted mean over members)",
+        "heldout_phantoms": {"generator": f"pneumoedge.datasets.phantoms.generate_dataset(seed={args.seed}, counts={_heldout_counts(args.heldout)}, "
+                                          f"size={args.size}, sixteen_bit_fraction={SIXTEEN_BIT_FRACTION})",
+                             "training_seed": training_seed,
+                             "by_class": {k: {"images": len(f), "flagged": int(np.sum(f)), **score_summary(s)} for k, (f, s) in sorted(by_class.items())}},
+        "foreign_images": f"pneumoedge.datasets.foreign.write_foreign(per_kind={args.per_kind}, size={args.size}, seed={args.seed})",
+        "false_alarm_target": FALSE_ALARM_TARGET,
+        "figures": figures,
+        "unreadable": len(errors),
+        "unscored": len(unscored),
+        "machine": _machine(),
+        "seconds": {"generate": round(generated_s, 1), "predict": round(predict_s, 1), "total": round(time.perf_counter() - started, 1)},
+        "images_per_second": round(len(groups_of) / predict_s, 2) if predict_s > 0 else None,
+        "command": " ".join(["python scripts/measure_ood.py", *sys.argv[1:]]),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    print(format_table(figures))
+    fa = figures["heldout"]["false_alarm_rate"]
+    print(f"false alarms on held-out phantoms: {fa:.1%} (target <= {FALSE_ALARM_TARGET:.0%}); "
+          f"statistics: {', '.join(str(e.get('member')) + ': ' + str(e.get('reference_images')) + ' reference images' for e in result['statistics'])}")
+    print(f"{len(groups_of)} images in {result['seconds']['total']:.0f} s on {result['machine'].get('cpu')}; {NOTICE}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 1 if errors else 0
+
+
+def _fmt(value: Optional[float], pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def format_table(figures: dict[str, Any]) -> str:
+    """The figures as a Markdown table (one row per group)."""
+    lines = ["| images | n | flagged | rate | AUROC vs held-out | mean score | median score |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for group, row in figures.items():
+        rate = row.get("false_alarm_rate", row.get("detection_rate"))
+        name = "held-out phantoms (false alarms)" if group == "heldout" else group.replace("_", " ")
+        lines.append(f"| {name} | {row['images']} | {row['flagged']} | {_fmt(rate, '.1%')} | {_fmt(row.get('auroc'), '.3f')} "
+                     f"| {_fmt(row['mean'], '.2f')} | {_fmt(row['median'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="Bundle folder or .onnx file (default: the bundled default model).")
+    parser.add_argument("--per-kind", type=int, default=50, help="Foreign images of each kind (default 50).")
+    parser.add_argument("--heldout", type=int, default=200, help="Held-out chest phantoms (default 200: half normal, a quarter each pneumonia kind).")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "ood_figures.json", help="JSON file for the figures (default docs/ood_figures.json).")
+    parser.add_argument("--seed", type=int, default=7, help="Seed of the generated images; must differ from the bundle's training seed (default 7).")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+                        help="Every generated image at this size (default: 1024-1600 px a side, as the default bundle's training phantoms).")
+    parser.add_argument("--work", type=Path, default=None, help="Keep the generated images in this new folder (default: a temporary folder, deleted).")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads per session (default: onnxruntime's).")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--verbose", action="store_true", help="Log progress.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.per_kind < 1 or args.heldout < 4 or args.batch_size < 1:
+        return _fail("--per-kind and --batch-size must be at least 1, --heldout at least 4")
+    if args.size is not None and min(args.size) < 32:
+        return _fail(f"--size {args.size[0]} {args.size[1]}: images need at least 32x32 pixels")
+    args.size = IMAGE_SIZE if args.size is None else tuple(args.size)
+    if args.model is not None and not args.model.exists():
+        return _fail(f"--model {args.model}: no such file or folder")
+    if args.work is not None:
+        if args.work.exists() and any(args.work.iterdir()):
+            return _fail(f"--work {args.work} is not empty; give a new or empty folder")
+        args.work.mkdir(parents=True, exist_ok=True)
+        return measure(args, args.work)
+    with tempfile.TemporaryDirectory(prefix="pneumoedge-ood-") as tmp:
+        return measure(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
