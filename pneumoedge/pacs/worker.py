@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pneumoedge.pacs import report
 from pneumoedge.pacs.ledger import Ledger
