@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,38 @@ def test_worker_one_row_per_instance_duplicates_dropped_and_bad_files_reported(e
     Worker(ensemble, spool, ledger2, outbox).process_available()
     ledger2.close()
     assert len(read_rows(ledger.path)) == 3 and len(outbox.pending()) == 1
+
+
+def test_worker_survives_a_failure_and_retries_the_spooled_instance(ensemble, tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    spool, outbox = Spool(tmp_path / "spool"), Outbox(tmp_path)
+    ledger = Ledger(tmp_path / "results.jsonl", "jsonl", ensemble.labels, [m.name for m in ensemble.members])
+    ledger.open()
+    worker = Worker(ensemble, spool, ledger, outbox)
+    worker.retry_s = 0.1
+    real = outbox.put
+    failures = []
+
+    def full_disk_once(uid, data):
+        if not failures:
+            failures.append(uid)
+            raise OSError(28, "No space left on device")
+        return real(uid, data)
+
+    monkeypatch.setattr(outbox, "put", full_disk_once)
+    _spool_file(spool, chest_instance(seed=12))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while ledger.path.stat().st_size == 0 or not read_rows(ledger.path):
+        assert time.monotonic() < deadline, "the instance was never processed after the failure"
+        time.sleep(0.05)
+    worker.stop()
+    thread.join(10)
+    ledger.close()
+    (row,) = read_rows(ledger.path)
+    assert failures and row["status"] == "ok" and row["sr"] and len(outbox.pending()) == 1 and not spool.pending()
 
 
 def test_outbox_replaces_an_older_copy_of_the_same_object(tmp_path: Path) -> None:

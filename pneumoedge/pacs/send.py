@@ -217,7 +217,8 @@ class Sender(threading.Thread):
                 log.warning("%s; %d result object(s) kept in the outbox, retrying in %.0f s", exc, len(self.outbox.pending()), delay)
                 self._stop_event.wait(delay)
                 delay = min(delay * 2, self.retry_max)
-            except OSError as exc:  # a file vanished or the disk failed: report, keep going
+            except Exception as exc:  # noqa: BLE001 - a vanished or unreadable file, a full disk: report, keep going
                 self.stats.last_error = str(exc)
-                log.error("outbox: %s", exc)
+                log.error("outbox: %s; retrying in %.0f s", exc, delay)
                 self._stop_event.wait(delay)
+                delay = min(delay * 2, self.retry_max)

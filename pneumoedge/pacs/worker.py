@@ -105,6 +105,8 @@ class Worker:
             log.warning("--heatmaps: no overlays will be sent (%s); SRs are sent as usual", note)
         self.batch_size = batch_size
         self.stats = WorkStats()
+        #: Pause before retrying after an unexpected failure (a full disk, say).
+        self.retry_s = 5.0
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -113,8 +115,12 @@ class Worker:
 
     def run(self) -> None:
         while not self._stop.is_set():
-            if not self.process_available():
-                self.spool.wait(0.5)
+            try:
+                if not self.process_available():
+                    self.spool.wait(0.5)
+            except Exception:  # noqa: BLE001 - e.g. a full disk: the files stay spooled; say so, retry
+                log.exception("worker: processing failed; the instances stay in %s and are retried in %.0f s", self.spool.folder, self.retry_s)
+                self._stop.wait(self.retry_s)
 
     def process_available(self) -> int:
         """Process what is in the spool now, in batches; return how many instances were handled."""
@@ -182,6 +188,8 @@ class Worker:
             try:
                 job.extra["sr"] = self._result_objects(job, prediction)
                 self.stats.report_s += time.perf_counter() - started
+            except OSError:  # the outbox cannot be written (disk full): keep the instance spooled, retry later
+                raise
             except Exception as exc:  # noqa: BLE001 - the row still records the classification
                 log.exception("%s: could not build the result objects", job.uid)
                 prediction = dataclasses.replace(prediction, error=f"no SR: {' '.join(str(exc).split())[:300]}")
