@@ -308,9 +308,9 @@ def report(args, base_rates: list[float], base_n: int, result: dict, rss: list[t
     ok_count = result["statuses"].get("200", 0)
     rate = ok_count / result["elapsed"]
     errors = sum(n for k, n in result["statuses"].items() if k != "200")
-    values = [v for _, v in rss]
-    half = len(values) // 2
-    first, second = (max(values[:half]), max(values[half:])) if half else (float("nan"),) * 2
+    values = [v for t, v in rss if result["load_start"] <= t <= result["load_end"]]
+    quarter = max(1, len(values) // 4)
+    peaks = [max(values[i * quarter:(i + 1) * quarter] or [float("nan")]) for i in range(4)]
     health = [1000 * v for v in result["health"]]
     base_rate = sum(base_rates) / len(base_rates)
     lines = [
@@ -336,7 +336,8 @@ def report(args, base_rates: list[float], base_n: int, result: dict, rss: list[t
         f"| latency p50 / p95 / p99 / max | {percentile(lat, 50):.0f} / {percentile(lat, 95):.0f} / {percentile(lat, 99):.0f} / {max(lat):.0f} ms |",
         f"| errors | {errors} ({', '.join(f'{k}: {n}' for k, n in sorted(result['statuses'].items()))}) |",
         f"| `/healthz` during the load, p50 / max ({len(health)} probes) | {percentile(health, 50):.1f} / {max(health):.1f} ms |",
-        f"| server RSS: start / peak first half / peak second half / end | {values[0]:.0f} / {first:.0f} / {second:.0f} / {values[-1]:.0f} MiB |",
+        f"| server RSS during the load: first sample / peak of each quarter / last sample | {values[0]:.0f} / "
+        f"{' / '.join(f'{p:.0f}' for p in peaks)} / {values[-1]:.0f} MiB (after the faults: {rss[-1][1]:.0f} MiB) |",
         "",
         "| fault | server's answer | next normal request ok |",
         "| --- | --- | --- |",
@@ -383,7 +384,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ok(url, body)
             print(f"load: {args.clients} clients for {args.duration:g} s ...", file=sys.stderr)
             server_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds(None)
+            load_start = time.monotonic()
             result = load(port, bodies, args.clients, args.duration)
+            result["load_start"], result["load_end"] = load_start, time.monotonic()
             result["server_cpu"] = cpu_seconds(server.pid) - server_cpu
             result["client_cpu"] = cpu_seconds(None) - client_cpu
             print("faults ...", file=sys.stderr)
