@@ -133,14 +133,19 @@ def test_unreadable_and_unsupported_inputs(client, inputs) -> None:
     assert [r["status"] for r in response.json()["results"]] == ["ok", "error"]
 
 
-def _asgi_post(app, chunks: int, chunk: bytes, headers: list, first: bytes = b"") -> tuple[int, int]:
-    """POST a body of `chunks` x `chunk` straight through ASGI; (status, body messages the app pulled)."""
+def _asgi_post(app, chunks: int, chunk: bytes, headers: list, first: bytes = b"", then=None) -> tuple[int, int]:
+    """POST a body of `chunks` x `chunk` straight through ASGI; (status, body messages the app pulled).
+
+    `then`: an async function whose result replaces every message after the first (a stall, a disconnect).
+    """
     pulled = 0
     status = []
 
     async def receive():
         nonlocal pulled
         pulled += 1
+        if then is not None and pulled > 1:
+            return await then()
         return {"type": "http.request", "body": first if pulled == 1 and first else chunk, "more_body": pulled < chunks}
 
     async def send(message):
@@ -176,6 +181,28 @@ def test_413_while_streaming_before_the_body_is_read(ensemble, inputs) -> None:
         assert too_big.status_code == 413 and "limit is" in too_big.json()["detail"]
         small_file = (inputs / "example_01.jpeg").read_bytes()[:50_000]
         assert small.post("/api/v1/predict", files={"file": ("t.jpeg", small_file)}).status_code == 422  # under the limit: read
+
+
+def test_stalled_upload_gets_408_and_a_vanished_client_frees_its_slot(ensemble, caplog) -> None:
+    app = create_app(ensemble, ServeSettings(body_timeout_s=0.2, queue_limit=1))
+
+    async def stall():
+        await asyncio.sleep(5)
+
+    async def disconnect():
+        return {"type": "http.disconnect"}
+
+    headers = [(b"content-type", b"image/jpeg"), (b"content-length", b"100000")]
+    started = time.monotonic()
+    assert _asgi_post(app, 10, b"x" * 10_000, headers, then=stall)[0] == 408
+    assert time.monotonic() - started < 3
+    with caplog.at_level(logging.INFO, logger="pneumoedge.serve"):
+        assert _asgi_post(app, 10, b"x" * 10_000, headers, then=disconnect)[0] == 499
+    assert "status=499" in caplog.text
+    assert app.app.state.queue.pending == 0  # both slots given back: the next request is admitted
+    with TestClient(app) as client:
+        jpeg = (EXAMPLES / "example_01.jpeg").read_bytes()
+        assert client.post("/api/v1/predict", content=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
 
 
 class _Gated:
