@@ -11,6 +11,7 @@ import typer
 from typing_extensions import Annotated
 
 from pneumoedge.commands.options import CLINICAL_NOTE, Device, Models, Precision, UserError, model_arg, stderr, user_errors
+from pneumoedge.runtime.ensemble import load
 
 
 def serve(
@@ -69,7 +70,8 @@ def serve(
             )
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        ensemble = load_model(model_arg(model), device.lower(), precision, threads)
+        # Loaded once, at start: the same loader and one-line errors as `infer`.
+        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads=threads)
         listener = _bind(host, port)
     if not is_loopback(host) and not secured:
         stderr.print(f"[bold red]warning:[/] serving on {host} WITHOUT authentication: anyone who can reach it can upload images")
@@ -91,13 +93,6 @@ def serve(
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
         pass
     stderr.print("pneumoedge serve: stopped")
-
-
-def load_model(model, device: str, precision: str, threads: int):
-    """Load once, at start: the same loader and errors as `infer`."""
-    from pneumoedge.runtime.ensemble import load
-
-    return load(model, device=device, precision=precision, threads=threads)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +28,6 @@ from pneumoedge.serve.settings import ServeSettings
 from pneumoedge.serve.uploads import RAW_TYPES, keep, read_uploads
 
 STATIC = Path(__file__).resolve().parent / "static"
-log = logging.getLogger("pneumoedge.serve")
 
 _UPLOAD_BODY = {
     "required": True,

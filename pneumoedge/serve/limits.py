@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, TypeVar
 
 from pneumoedge.serve.settings import RETRY_AFTER_S
 
 T = TypeVar("T")
-log = logging.getLogger("pneumoedge.serve")
 
 
 class HTTPProblem(Exception):

@@ -169,7 +169,7 @@ def keep(uploads: list[Upload], folder: Path, request_id: str) -> list[Path]:
             kind = sniff(upload.data[:1024] if len(upload.data) > 1024 else upload.data)
         except ImageError:
             kind = "bin"
-        path = folder / f"{request_id}-{index}.{'jpeg' if kind == 'jpeg' else kind}"
+        path = folder / f"{request_id}-{index}.{kind}"
         with open(path, "xb") as handle:
             handle.write(upload.data)
         written.append(path)
