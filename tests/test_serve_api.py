@@ -335,11 +335,15 @@ def test_uploads_stay_in_memory_unless_kept(ensemble, inputs, tmp_path, monkeypa
     assert (kept / f"{request_id}-1.png").read_bytes() == big
 
 
-def test_explain_on_a_model_without_heatmaps_says_why(client, inputs) -> None:
-    response = client.post("/api/v1/predict?explain=1", files={"file": ("a.jpeg", (inputs / "example_01.jpeg").read_bytes())})
+def test_explain_on_a_model_without_heatmaps_says_why(gray_model, inputs) -> None:
+    plain = pneumoedge.load(gray_model)  # a tiny ONNX model without heatmap outputs
+    assert not plain.can_explain
+    with TestClient(create_app(plain)) as client:
+        response = client.post("/api/v1/predict?explain=1", files={"file": ("a.jpeg", (inputs / "example_01.jpeg").read_bytes())})
+        note = client.get("/api/v1/model").json()["explain_note"]
     assert response.status_code == 200
     body = response.json()
-    assert body["explain"] == {"requested": True, "available": False, "note": client.get("/api/v1/model").json()["explain_note"]}
+    assert body["explain"] == {"requested": True, "available": False, "note": plain.explain_note} and note == plain.explain_note
     assert body["explain"]["note"] and body["results"][0]["overlay"] == ""
 
 
