@@ -16,6 +16,8 @@ import pytest
 
 from typer.testing import CliRunner
 
+from pneumoedge.bundle import read_manifest
+from pneumoedge.runtime.ensemble import default_bundle_path
 from tests.serve_helpers import EXAMPLES, REPO, start_server, stop_server
 from tests.system_tools import require_program
 
@@ -63,7 +65,9 @@ def test_page_in_chromium_gives_infers_label_and_reports_bad_files(tmp_path: Pat
                 expect = playwright.expect  # locator waits: the CSP forbids evaluating strings in the page
                 expect(page.locator("#model-name")).not_to_have_text("loading…", timeout=15000)
                 identity = page.locator("#model-identity").inner_text()
-                assert "pneumoedge-default-demo" in identity and "cnn3_gray150" in identity
+                manifest = read_manifest(default_bundle_path())
+                members = manifest.members_for("default")
+                assert manifest.name in identity and all(f"{m.name}: {m.sha256[:12]}" in identity for m in members)
                 assert "synthetic phantoms" in identity
                 assert "Decision support, not a diagnosis." in page.locator("header").inner_text()
                 # Choose the files by the input's label, as a screen reader user would find it.
