@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": cpu(),
         "load_average_start_end": [list(load_start), list(os.getloadavg())],
         "note": options.note,
-        "orthanc": "1.10 (Debian), same machine, 127.0.0.1",
+        "orthanc": "Orthanc 1.10 (Debian)",
         "image": f"{options.size}x{options.size} 16-bit (12 bits stored) DX, explicit VR little endian, synthetic phantoms",
         "count": options.count,
         "listen_args": options.listen_args,
@@ -218,7 +218,7 @@ def record(f: dict) -> None:
         f"- **Machine**: {m['model']}, {m['logical_cores']} logical cores, SIMD flags: {', '.join(m['flags']) or 'none named'}; "
         f"load average (1, 5, 15 min) at start {[round(x, 2) for x in f['load_average_start_end'][0]]}, "
         f"at end {[round(x, 2) for x in f['load_average_start_end'][1]]}" + (f"; {f['note']}" if f['note'] else ""),
-        f"- **Setup**: Orthanc {f['orthanc']} and the node on the same machine; default bundle, default precision; "
+        f"- **Setup**: {f['orthanc']} and the node on the same machine (127.0.0.1); default bundle, default precision; "
         f"`listen` options: {f['listen_args'] or 'defaults'}; {f['count']} instances of {f['image']} in one push request "
         "(Orthanc pushes over one association, one instance at a time); SR visibility polled on Orthanc's `/changes` every 20 ms.",
         "",
