@@ -208,6 +208,50 @@ def test_load_checks_the_members_it_opens_and_info_checks_them_all(tmp_path: Pat
     assert result.exit_code == 2 and "checksum mismatch" in result.output
 
 
+def test_optimized_graph_cache_gives_the_same_probabilities(tmp_path: Path, monkeypatch, own_cache: Path) -> None:
+    """The cached optimized graph is written once, after the checksum passed, and predicts the same."""
+    monkeypatch.setattr(tuning, "OPTIMIZED_GRAPH_MIN_BYTES", 0)  # the test models are tiny
+    bundle = two_precision_bundle(tmp_path)
+    image = gradient_image(80, 60, 9)
+    fresh = pneumoedge.load(bundle, precision="fp32").predict(image)
+    cached_files = list((own_cache / "optimized").glob("*.onnx"))
+    assert len(cached_files) == 1 and not list((own_cache / "optimized").glob(".*partial"))
+    again = pneumoedge.load(bundle, precision="fp32").predict(image)
+    assert again.probabilities == fresh.probabilities
+    cached_files[0].write_bytes(b"damaged")  # a damaged cache file is rebuilt, never trusted
+    rebuilt = pneumoedge.load(bundle, precision="fp32").predict(image)
+    assert rebuilt.probabilities == fresh.probabilities and cached_files[0].stat().st_size > 100
+    monkeypatch.setenv("PNEUMOEDGE_OPTIMIZED_CACHE", "0")
+    assert pneumoedge.load(bundle, precision="fp32").predict(image).probabilities == fresh.probabilities
+
+
+def test_a_changed_member_never_enters_the_optimized_cache(tmp_path: Path, monkeypatch, own_cache: Path) -> None:
+    monkeypatch.setattr(tuning, "OPTIMIZED_GRAPH_MIN_BYTES", 0)
+    bundle = two_precision_bundle(tmp_path)
+    other = mean_model(tmp_path / "other.onnx", SPEC_GRAY, a=(-9.0,))
+    (bundle / "m.fp32.onnx").write_bytes(other.read_bytes())  # loadable, but not the bundle's file
+    with pytest.raises(pneumoedge.BundleError, match="checksum mismatch"):
+        pneumoedge.load(bundle, precision="fp32")
+    assert not (own_cache / "optimized").exists() or not any((own_cache / "optimized").iterdir())
+
+
+def test_big_member_is_not_rehashed_until_its_file_changes(tmp_path: Path, monkeypatch, own_cache: Path) -> None:
+    monkeypatch.setattr(tuning, "OPTIMIZED_GRAPH_MIN_BYTES", 0)
+    bundle = two_precision_bundle(tmp_path)
+    pneumoedge.load(bundle, precision="fp32")  # hashes, records the file, caches the graph
+    member = bundle / "m.fp32.onnx"
+    original = member.read_bytes()
+    hashed = []
+    real_sha256 = __import__("hashlib").sha256
+    monkeypatch.setattr("hashlib.sha256", lambda data=b"": hashed.append(bytes(data)) or real_sha256(data))
+    pneumoedge.load(bundle, precision="fp32")
+    assert original not in hashed  # same inode, size, mtime and ctime: trusted, not hashed again
+    member.write_bytes(mean_model(tmp_path / "other.onnx", SPEC_GRAY, a=(-9.0,)).read_bytes())
+    with pytest.raises(pneumoedge.BundleError, match="checksum mismatch"):
+        pneumoedge.load(bundle, precision="fp32")
+    assert member.read_bytes() in hashed  # a written file is hashed again, and refused
+
+
 # -- what users see ---------------------------------------------------------------------------
 
 

@@ -27,8 +27,8 @@ from pneumoedge.imageio import ImageError, ImageSource, read_bytes
 from pneumoedge.preprocessing import read_for, to_tensor
 from pneumoedge.runtime.ood import OodError, OodStats
 from pneumoedge.runtime.ood import combine as ood_combine
-from pneumoedge.runtime.sessions import create_session
-from pneumoedge.runtime.tuning import resolve, rule
+from pneumoedge.runtime.sessions import commit_optimized, create_session
+from pneumoedge.runtime.tuning import file_stat, optimized_graph_file, remember_verified, resolve, rule, verified_before
 
 ModelRef = Union[str, Path]
 _ORT_LOAD_ERRORS = (_ort_state.InvalidProtobuf, _ort_state.Fail, _ort_state.InvalidGraph, _ort_state.NoSuchFile, _ort_state.InvalidArgument)
@@ -646,8 +646,17 @@ def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.Infer
     """Open a member from one read of its file, hashing those bytes while the session is built.
 
     A big member (an 80 MB Xception) costs ~0.2 s to hash: in a thread beside session creation
-    (both release the GIL) that time is hidden, and the file is read once, not twice.
+    (both release the GIL) that time is hidden, and the file is read once, not twice. A big
+    member whose very file (inode, size, mtime, ctime) hashed right before is not hashed again,
+    and its optimized graph comes from the cache (docs/speed.md).
     """
+    size = os.path.getsize(entry.path)
+    optimized = optimized_graph_file(entry.sha256, size, device)
+    if optimized is not None and optimized.is_file() and verified_before(entry.path, entry.sha256):
+        session = _open_bytes(entry.path, str(entry.path), device, threads, optimized)
+        commit_optimized(optimized, verified=True)  # a damaged cache file was rebuilt from the trusted file
+        return session
+    stat_before = file_stat(entry.path)
     try:
         data = Path(entry.path).read_bytes()
     except OSError as exc:
@@ -655,13 +664,17 @@ def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.Infer
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pneumoedge-sha256") as pool:
         digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
         try:
-            session: Optional[ort.InferenceSession] = _open_bytes(entry.path, data, device, threads)
+            session: Optional[ort.InferenceSession] = _open_bytes(entry.path, data, device, threads, optimized)
             failure = None
         except BundleError as exc:  # a changed file is reported as changed, not as unloadable
             session, failure = None, exc
         actual = digest.result()
+    if optimized is not None:
+        commit_optimized(optimized, verified=actual == entry.sha256 and failure is None)
     if actual == entry.sha256 and failure is not None:
         raise failure
+    if optimized is not None and actual == entry.sha256:
+        remember_verified(entry.path, actual, stat_before)
     if actual != entry.sha256:
         raise BundleError(
             f"{entry.path}: checksum mismatch (manifest sha256 {entry.sha256[:12]}…, file {actual[:12]}…); "
@@ -670,8 +683,10 @@ def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.Infer
     return session
 
 
-def _open_bytes(path: Path, data: bytes, device: str, threads: Optional[int]) -> ort.InferenceSession:
+def _open_bytes(
+    path: Path, data: Union[bytes, str], device: str, threads: Optional[int], optimized: Optional[Path] = None
+) -> ort.InferenceSession:
     try:
-        return create_session(data, device, threads)
+        return create_session(data, device, threads, optimized_cache=optimized)
     except _ORT_LOAD_ERRORS as exc:
         raise BundleError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
