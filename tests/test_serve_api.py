@@ -406,3 +406,45 @@ def test_cli_refuses_unsafe_or_broken_starts_with_one_line(tmp_path) -> None:
     serve = runner.invoke(cli_app, ["serve", "--model", missing])
     assert infer.exit_code == serve.exit_code == 2
     assert _first_error_line(infer.output) == _first_error_line(serve.output)
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True),
+     ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("clinic-pc", False)],
+)
+def test_which_addresses_count_as_loopback(host, loopback) -> None:
+    from pneumoedge.serve.settings import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(
+    "args, env, warned",
+    [
+        (["--host", "0.0.0.0", "--insecure-no-auth"], {}, True),
+        (["--host", "0.0.0.0"], {"PNEUMOEDGE_SERVE_TOKEN": TOKEN}, False),
+        (["--host", "127.0.0.1"], {}, False),
+    ],
+)
+def test_non_loopback_without_token_starts_only_when_told_and_warns(monkeypatch, args, env, warned) -> None:
+    """The verb up to the server's start; the socket is bound on loopback and the server not run."""
+    import uvicorn
+
+    import pneumoedge.commands.serve as serve_verb
+
+    real_bind = serve_verb._bind
+    started = []
+    monkeypatch.setattr(serve_verb, "_bind", lambda host, port: real_bind("127.0.0.1", 0))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=(): (started.append(self.config.app), [s.close() for s in sockets]))
+    for name in ("pneumoedge.serve", "uvicorn.error"):  # the verb configures these; restored afterwards
+        logger = logging.getLogger(name)
+        for attribute in ("handlers", "propagate", "level"):
+            monkeypatch.setattr(logger, attribute, getattr(logger, attribute) if attribute != "handlers" else [])
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = runner.invoke(cli_app, ["serve", *args])
+    assert result.exit_code == 0, result.output
+    assert len(started) == 1
+    assert ("WITHOUT authentication" in result.output) is warned
+    assert started[0].token == (TOKEN.encode() if env else None)
