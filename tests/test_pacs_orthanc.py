@@ -1,6 +1,6 @@
 """The DICOM node against a real Orthanc: pushes in, SRs back into the same study, kills and outages.
 
-One Orthanc serves the whole module (started once, stopped by its PID). Each test uses its own
+One Orthanc serves the whole test session (started once, stopped by its PID). Each test uses its own
 studies, so tests do not see each other's objects.
 """
 
@@ -39,7 +39,7 @@ JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def orthanc(tmp_path_factory):
     program = require_program("Orthanc", install_hint="apt-get install -y orthanc")
     server = Orthanc(tmp_path_factory.mktemp("orthanc"), program)

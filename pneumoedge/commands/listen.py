@@ -86,7 +86,7 @@ def listen(
     ] = False,
     model: Models = None,
     device: Device = "cpu",
-    precision: Precision = "default",
+    precision: Precision = "auto",
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads per model run. Default: every core.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="Results file format: jsonl or csv.")] = "jsonl",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Most instances classified in one model run.")] = 8,
