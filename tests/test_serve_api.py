@@ -36,7 +36,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def ensemble():
-    return pneumoedge.load(threads=1)  # as `infer` loads it (its default --threads 1)
+    return pneumoedge.load(threads="auto")  # as `infer` loads it (its defaults: precision and threads "auto")
 
 
 @pytest.fixture(scope="module")

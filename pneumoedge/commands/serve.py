@@ -32,14 +32,20 @@ def serve(
     ] = False,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body, in MB; larger ones get 413 while uploading.")] = 64.0,
     queue: Annotated[int, typer.Option(min=1, help="Requests admitted at once (uploading, waiting or running); more get 503.")] = 32,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Threads running the model. Default: one per CPU core.")] = None,
-    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model run (as infer's --threads).")] = 1,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Threads running the model at once. Default: as infer runs batches (one per core with 1 thread each).", show_default=False),
+    ] = None,
+    threads: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="onnxruntime threads per model run. Default: as infer (what `pneumoedge tune` measured, else 1).", show_default=False),
+    ] = None,
     keep_uploads: Annotated[
         Optional[Path],
         typer.Option(help="Also write every upload to this folder as REQUESTID-N.KIND. Default: uploads stay in memory only."),
     ] = None,
     device: Device = "cpu",
-    precision: Precision = "default",
+    precision: Precision = "auto",
 ) -> None:
     """Serve the model: a page at http://HOST:PORT/ to drop images on, and a JSON API.
 
@@ -60,25 +66,27 @@ def serve(
             raise UserError(f"--host {host} is reachable from other computers: give --token (or PNEUMOEDGE_SERVE_TOKEN), or --insecure-no-auth")
         if keep_uploads is not None and not keep_uploads.is_dir():
             raise UserError(f"--keep-uploads {keep_uploads}: no such folder")
+        # Loaded once, at start: the same loader, defaults and one-line errors as `infer`, so the
+        # same members run (precision "auto" may pick int8 on a VNNI machine) and results match.
+        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads="auto" if threads is None else threads)
         try:
             settings = ServeSettings(
                 max_upload_bytes=int(max_upload_mb * 2**20),
                 queue_limit=queue,
-                inference_threads=workers,
+                inference_threads=workers or ensemble.configuration.runners,
                 token=token,
                 keep_uploads=keep_uploads,
             )
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        # Loaded once, at start: the same loader and one-line errors as `infer`.
-        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads=threads)
         listener = _bind(host, port)
     if not is_loopback(host) and not secured:
         stderr.print(f"[bold red]warning:[/] serving on {host} WITHOUT authentication: anyone who can reach it can upload images")
     _configure_logging()
     bound_host, bound_port = listener.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    stderr.print(f"pneumoedge serve: http://{shown}:{bound_port}/ (model {ensemble.manifest.name if ensemble.manifest else 'ONNX files'}); Ctrl-C stops", highlight=False, soft_wrap=True)
+    stderr.print(f"pneumoedge serve: http://{shown}:{bound_port}/ (model {ensemble.name}); Ctrl-C stops", highlight=False, soft_wrap=True)
+    stderr.print(f"model runs: {ensemble.configuration.describe()}; serve runs one image per run, {settings.threads} at once", highlight=False, soft_wrap=True)
     stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
     config = uvicorn.Config(
         create_app(ensemble, settings),
