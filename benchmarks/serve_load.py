@@ -321,7 +321,7 @@ def report(args, base_rates: list[float], base_n: int, result: dict, rss: list[t
         f"- **Machine**: {machine()}",
         f"- **Conditions**: load average at start {args.loadavg_start}, at end {[round(v, 2) for v in os.getloadavg()]}; "
         f"the {args.clients} clients (threads of one process, stdlib http.client, keep-alive, bodies encoded once) share the cores with the server; server defaults "
-        "(default bundle fp32, 1 onnxruntime thread per run, one model thread per core, queue 32, 64 MB limit)",
+        f"(default bundle; {args.server_config}; queue 32, 64 MB limit)",
         f"- **Files**: the {len(args.images)} example JPEGs ({', '.join(p.name for p in args.images)}; 1-2 Mpx synthetic phantoms), round robin",
         "",
         "| figure | value |",
@@ -407,6 +407,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("infer baseline again ...", file=sys.stderr)
         last_rate, _, _ = infer_baseline(args.images, args.infer_copies, work)
     args.infer_cpu = infer_cpu
+    args.server_config = next((line.strip() for line in log.splitlines() if line.startswith("model runs:")), "configuration not printed")
     section = report(args, [first_rate, last_rate], base_n, result, sampler.samples, fault_rows, alive)
     print(section)
     leaked = [name for name in ("example_0", "Load^Test", ".jpeg") if name in log]
