@@ -543,7 +543,7 @@ def _explained(model: KerasModel, labels: Sequence[str], layer: Optional[str]) -
         return explain_model(model.keras_model, len(labels), layer), ""
     except HeatmapUnavailable as exc:
         if layer:
-            raise ExportError(str(exc)) from None
+            raise ExportError(f"--heatmap-layer {layer}: {exc}") from None
         note = f"heatmaps not available: {exc}"
         log.warning("%s: %s", model.description, note)
         return None, note
