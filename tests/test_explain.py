@@ -115,15 +115,15 @@ def test_empty_map_is_an_answer_and_leaves_the_image_uncoloured(tmp_path: Path, 
     result = pneumoedge.load(never).predict(blob_png, explain=True)
     assert result.explanation.empty and float(result.heatmap.max()) == 0.0
     overlay = result.overlay(max_side=600)
-    picture = overlay[:512]  # 300 x 200 is enlarged to 512 x 341 for legibility
+    picture = overlay[:400]  # 300 x 200 is enlarged to 400 x 267 for legibility
     assert np.array_equal(picture[:, :, 0], picture[:, :, 1]) and np.array_equal(picture[:, :, 1], picture[:, :, 2])
 
 
 def test_overlay_colours_where_the_map_is_high_and_keeps_grey_elsewhere(map_onnx: Path, blob_png: Path) -> None:
     overlay = pneumoedge.load(map_onnx).predict(blob_png, explain=True).overlay(max_side=600)
-    assert overlay.dtype == np.uint8 and overlay.ndim == 3 and overlay.shape[1] == 341  # enlarged to 512 x 341
-    assert overlay.shape[0] > 512  # the text band under the image
-    scale = 512 / 300
+    assert overlay.dtype == np.uint8 and overlay.ndim == 3 and overlay.shape[1] == 267  # enlarged to 400 x 267
+    assert overlay.shape[0] > 400  # the text band under the image
+    scale = 400 / 300
     on_blob = overlay[int(55 * scale), int(45 * scale)].astype(int)
     far = overlay[int(280 * scale), int(180 * scale)].astype(int)
     assert np.ptp(on_blob) > 20  # coloured

@@ -65,7 +65,9 @@ def infer(
             show_default=False,
         ),
     ] = None,
-    overlay_size: Annotated[int, typer.Option(min=128, help="Longest side of each overlay PNG, in pixels.")] = 1024,
+    overlay_size: Annotated[
+        int, typer.Option(min=128, help="Largest longest side of each overlay PNG, in pixels (never beyond what the model decoded, unless tiny).")
+    ] = 768,
 ) -> None:
     """Classify chest X-ray images; write one row per input file.
 

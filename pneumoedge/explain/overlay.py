@@ -22,8 +22,9 @@ OOD_WARNING = "Unlike this model's training images: do not rely on this result."
 TRANSPARENT_BELOW = 0.2
 MAX_ALPHA = 0.6
 #: Overlays smaller than this (longest side) are enlarged, so the text stays legible.
-MIN_SIDE = 512
+MIN_SIDE = 400
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+_ALPHA = (np.clip((np.arange(256, dtype=np.float32) / 255 - TRANSPARENT_BELOW) / (1.0 - TRANSPARENT_BELOW), 0.0, 1.0) * MAX_ALPHA).astype(np.float32)
 
 
 def to_display_gray(pixels: np.ndarray) -> np.ndarray:
@@ -67,10 +68,10 @@ def render(
     height, width = _fit(gray.shape[:2], max_side)
     interpolation = cv2.INTER_AREA if height < gray.shape[0] else cv2.INTER_LINEAR
     base = cv2.cvtColor(cv2.resize(gray, (width, height), interpolation=interpolation), cv2.COLOR_GRAY2RGB)
-    heat = np.clip(cv2.resize(heat.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
-    colour = cv2.cvtColor(cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
-    alpha = (np.clip((heat - TRANSPARENT_BELOW) / (1.0 - TRANSPARENT_BELOW), 0.0, 1.0) * MAX_ALPHA)[:, :, None]
-    image = np.rint(base * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    levels = cv2.resize(np.rint(np.clip(heat, 0.0, 1.0) * 255).astype(np.uint8), (width, height), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
+    alpha = _ALPHA[levels]  # per-pixel opacity from a 256-entry table: no float image maths per pixel
+    image = cv2.blendLinear(base, colour, 1.0 - alpha, alpha)
     return np.vstack([image, _band(width, list(lines), warning)])
 
 

@@ -156,7 +156,7 @@ def run_folder(
     show_progress: bool = False,
     console: Optional[Console] = None,
     heatmaps: Optional[Path] = None,
-    overlay_side: int = 1024,
+    overlay_side: int = 768,
 ) -> RunSummary:
     """Predict every image under `inputs`, streaming one row per file to `writer`.
 
