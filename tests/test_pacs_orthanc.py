@@ -336,6 +336,10 @@ def test_kill_9_during_a_burst_then_restart_gives_exactly_one_row_and_sr_each(or
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(60)
+    import socket
+
+    with socket.socket() as again:  # the port was released
+        again.bind((HOST, port))
     text = log.read_text()
     first = (tmp_path / "listen-1.log").read_text()
     assert "Secret" not in first and "Carol" not in first

@@ -162,7 +162,10 @@ class Outbox:
             for path in files:
                 if stop():
                     return False
-                status = assoc.send_c_store(path)
+                try:
+                    status = assoc.send_c_store(path)
+                except FileNotFoundError:  # moved meanwhile by another sender (a running listener)
+                    continue
                 code = int(status.Status) if status and "Status" in status else None
                 if code is not None and (code == 0x0000 or code & 0xF000 == 0xB000):
                     if path.parent == self.queue.folder:
