@@ -12,6 +12,8 @@ reports from each prediction's `ood` flag and `ood_score` (1.0 = the flag's thre
 the false-alarm rate on the held-out phantoms, the detection rate and AUROC per foreign kind
 and for all foreign images together, score means and medians, how many reference images the
 statistics rest on, the machine and the time taken. Prints a table and writes JSON.
+With --sweep N, N held-out phantoms are also scored under graded blur, gain, noise and gamma,
+to show how large a change has to be before the flag rises.
 
 Exit status: 0 done; 2 a usage problem, or a model without out-of-distribution statistics
 (no score is ever invented); 1 when some image could not be read.
@@ -151,6 +153,49 @@ def _heldout_counts(n: int) -> dict[str, dict[str, int]]:
     return {"test": {"normal": normal, "bacteria": bacteria, "virus": n - normal - bacteria}}
 
 
+#: Graded changes of held-out phantoms: family -> levels (blur: sigma in % of the width; gain:
+#: pixel values multiplied, clipped; noise: Gaussian sigma in grey levels; gamma: exponent).
+SWEEP = {"blur": (0.25, 0.5, 1.0, 2.0), "gain": (1.25, 1.5, 2.0, 3.0), "noise": (5.0, 10.0, 20.0, 40.0), "gamma": (0.5, 0.7, 1.5, 2.5)}
+_SWEEP_NAMES = {"blur": "blur sigma {:g}% of width", "gain": "gain x{:g}", "noise": "noise sigma {:g}", "gamma": "gamma {:g}"}
+
+
+def degrade(img: np.ndarray, family: str, level: float, seed: int = 0) -> np.ndarray:
+    """A uint8 image changed by one step of `SWEEP` (deterministic for a seed)."""
+    import cv2
+
+    x = img.astype(np.float32)
+    if family == "blur":
+        x = cv2.GaussianBlur(x, (0, 0), level / 100 * img.shape[1])
+    elif family == "gain":
+        x = x * level
+    elif family == "noise":
+        x = x + np.random.default_rng(seed).normal(0, level, img.shape).astype(np.float32)
+    elif family == "gamma":
+        x = 255 * (x / 255) ** level
+    else:
+        raise ValueError(f"unknown family {family!r}; families are {sorted(SWEEP)}")
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def _write_sweep(sources: Sequence[Path], folder: Path) -> list[tuple[str, Path]]:
+    """Each source degraded at every step of `SWEEP`, as JPEG; (group, path) pairs."""
+    import cv2
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(_SWEEP_NAMES[family].format(level), family, level, i, src) for family, levels in SWEEP.items() for level in levels for i, src in enumerate(sources)]
+
+    def one(job: tuple[str, str, float, int, Path]) -> tuple[str, Path]:
+        group, family, level, i, src = job
+        out = folder / f"{family}_{level:g}" / (src.stem + ".jpeg")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img = degrade(cv2.imread(str(src), cv2.IMREAD_GRAYSCALE), family, level, seed=i)
+        cv2.imwrite(str(out), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        return group, out
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, jobs))
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"measure_ood: {message}", file=sys.stderr)
     return code
@@ -179,10 +224,11 @@ def measure(args: argparse.Namespace, work: Path) -> int:
                                     sixteen_bit_fraction=SIXTEEN_BIT_FRACTION)
     heldout = sorted(p for p in (heldout_root / "test").rglob("*") if p.suffix in (".jpeg", ".png"))
     foreign = write_foreign(work / "foreign", per_kind=args.per_kind, size=args.size, seed=args.seed)
+    sweep = _write_sweep([p for p in heldout if p.suffix == ".jpeg"][: args.sweep], work / "sweep") if args.sweep else []
     generated_s = time.perf_counter() - started
 
-    groups_of = [("heldout", p) for p in heldout] + [(kind, p) for kind, paths in foreign.items() for p in paths]
-    groups: dict[str, tuple[list[bool], list[float]]] = {"heldout": ([], []), **{k: ([], []) for k in foreign}}
+    groups_of = [("heldout", p) for p in heldout] + [(kind, p) for kind, paths in foreign.items() for p in paths] + sweep
+    groups: dict[str, tuple[list[bool], list[float]]] = {"heldout": ([], []), **{k: ([], []) for k in foreign}, **{g: ([], []) for g, _ in sweep}}
     by_class: dict[str, tuple[list[bool], list[float]]] = {}
     errors, unscored = [], []
     predict_started = time.perf_counter()
@@ -210,7 +256,10 @@ def measure(args: argparse.Namespace, work: Path) -> int:
     if unscored:
         print(f"measure_ood: {len(unscored)} ok rows without an ood score (left out of the figures): {', '.join(unscored[:5])}", file=sys.stderr)
 
-    figures = summarise(groups)
+    sweep_groups = {g for g, _ in sweep}
+    figures = summarise({k: v for k, v in groups.items() if k not in sweep_groups})
+    sweep_figures = summarise({"heldout": groups["heldout"], **{g: groups[g] for g in dict.fromkeys(g for g, _ in sweep)}}) if sweep else {}
+    sweep_figures.pop("all_foreign", None)
     describe = ensemble.describe()
     result = {
         "notice": NOTICE,
@@ -227,6 +276,9 @@ def measure(args: argparse.Namespace, work: Path) -> int:
         "foreign_images": f"pneumoedge.datasets.foreign.write_foreign(per_kind={args.per_kind}, size={args.size}, seed={args.seed})",
         "false_alarm_target": FALSE_ALARM_TARGET,
         "figures": figures,
+        **({"sweep": {"what": f"the first {args.sweep} held-out JPEG phantoms changed by one step each: blur sigma in % of the width, "
+                              "gain (pixel values multiplied, clipped), Gaussian noise sigma in grey levels, gamma exponent",
+                      "figures": {g: v for g, v in sweep_figures.items() if g != "heldout"}}} if sweep else {}),
         "unreadable": len(errors),
         "unscored": len(unscored),
         "machine": _machine(),
@@ -236,6 +288,8 @@ def measure(args: argparse.Namespace, work: Path) -> int:
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(format_table(figures))
+    if sweep:
+        print("\ngraded changes of held-out phantoms:\n" + format_table({g: v for g, v in sweep_figures.items() if g != "heldout"}))
     fa = figures["heldout"]["false_alarm_rate"]
     print(f"false alarms on held-out phantoms: {fa:.1%} (target <= {FALSE_ALARM_TARGET:.0%}); "
           f"statistics: {', '.join(str(e.get('member')) + ': ' + str(e.get('reference_images')) + ' reference images' for e in result['statistics'])}")
@@ -275,11 +329,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="Keep the generated images in this new folder (default: a temporary folder, deleted).")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads per session (default: onnxruntime's).")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--sweep", type=int, default=0, metavar="N",
+                        help="Also score N held-out phantoms under graded blur, gain, noise and gamma, to show where the flag starts (default 0: off).")
     parser.add_argument("--verbose", action="store_true", help="Log progress.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.per_kind < 1 or args.heldout < 4 or args.batch_size < 1:
-        return _fail("--per-kind and --batch-size must be at least 1, --heldout at least 4")
+    if args.per_kind < 1 or args.heldout < 4 or args.batch_size < 1 or args.sweep < 0:
+        return _fail("--per-kind and --batch-size must be at least 1, --heldout at least 4, --sweep at least 0")
     if args.size is not None and min(args.size) < 32:
         return _fail(f"--size {args.size[0]} {args.size[1]}: images need at least 32x32 pixels")
     args.size = IMAGE_SIZE if args.size is None else tuple(args.size)

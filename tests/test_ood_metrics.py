@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -144,7 +145,7 @@ def ood_bundle(tmp_path_factory) -> Path:
 
 def test_whole_run_writes_figures(ood_bundle, tmp_path):
     out = tmp_path / "figures.json"
-    code = measure_ood.main(["--model", str(ood_bundle), "--per-kind", "3", "--heldout", "12", "--size", "96", "96",
+    code = measure_ood.main(["--model", str(ood_bundle), "--per-kind", "3", "--heldout", "12", "--size", "96", "96", "--sweep", "2",
                              "--out", str(out), "--seed", "3", "--work", str(tmp_path / "work")])
     assert code == 0
     result = json.loads(out.read_text())
@@ -162,6 +163,22 @@ def test_whole_run_writes_figures(ood_bundle, tmp_path):
     assert figures["uniform"]["detection_rate"] == 1.0 and figures["noise"]["detection_rate"] == 1.0
     assert "synthetic" in result["notice"].lower() and result["machine"]["logical_cores"] >= 1
     assert len(list((tmp_path / "work" / "foreign").rglob("*.jpeg"))) == 3 * len(FOREIGN_KINDS)
+    sweep = result["sweep"]["figures"]
+    assert len(sweep) == sum(len(v) for v in measure_ood.SWEEP.values()) and "all_foreign" not in sweep
+    assert all(row["images"] == 2 for row in sweep.values())
+    assert sweep["gain x3"]["detection_rate"] == 1.0  # a tripled brightness moves all three features far out
+
+
+def test_degrade_steps():
+    img = render_phantom(np.random.default_rng(0), "normal", 120, 160)
+    lap = lambda x: cv2.Laplacian(x.astype(np.float32), cv2.CV_32F).var()  # noqa: E731
+    assert lap(measure_ood.degrade(img, "blur", 2.0)) < 0.2 * lap(img)
+    assert np.array_equal(measure_ood.degrade(img, "gain", 2.0), np.clip(img.astype(int) * 2, 0, 255).astype(np.uint8))
+    noisy = measure_ood.degrade(img, "noise", 20.0, seed=1)
+    assert np.array_equal(noisy, measure_ood.degrade(img, "noise", 20.0, seed=1)) and 10 < np.abs(noisy.astype(int) - img).mean() < 25
+    assert measure_ood.degrade(img, "gamma", 2.5).mean() < img.mean() < measure_ood.degrade(img, "gamma", 0.5).mean()
+    with pytest.raises(ValueError, match="unknown family"):
+        measure_ood.degrade(img, "rotate", 10)
 
 
 def test_refuses_without_statistics_and_on_mistakes(bundle_dir, ood_bundle, tmp_path, capsys):
