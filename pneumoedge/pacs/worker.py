@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import io
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -36,8 +37,7 @@ class WorkStats:
     labels: Counter = field(default_factory=Counter)
     duplicates: int = 0
     objects: int = 0
-    busy_s: float = 0.0
-    #: Of busy_s: in predict_many (decode + models) and building/queuing SR and SC objects.
+    #: Seconds in predict_many (decode + models) and building/queuing SR and SC objects.
     classify_s: float = 0.0
     report_s: float = 0.0
 
@@ -108,53 +108,106 @@ class Worker:
         #: Pause before retrying after an unexpected failure (a full disk, say).
         self.retry_s = 5.0
         self._stop = threading.Event()
+        #: Spool files being worked on -> their SOP Instance UID ("" until read), so a second
+        #: copy of an instance still in flight is a duplicate too.
+        self._claimed: dict[Path, str] = {}
+        self._lock = threading.Lock()
 
     def stop(self) -> None:
         self._stop.set()
         self.spool.wake()
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if not self.process_available():
+        """Until `stop()`: classify batch N+1 while another thread builds and commits batch N.
+
+        onnxruntime and most of the decoding release the GIL, so the models run while highdicom
+        (pure Python) builds the previous batch's SRs. Commits stay in arrival order (one
+        committer, a FIFO queue of batches).
+        """
+        batches: queue.Queue = queue.Queue(maxsize=2)
+        committer = threading.Thread(target=self._commit_loop, args=(batches,), name="pneumoedge-commit", daemon=True)
+        committer.start()
+        try:
+            while not self._stop.is_set():
+                files = self._claim()
+                if not files:
                     self.spool.wait(0.5)
-            except Exception:  # noqa: BLE001 - e.g. a full disk: the files stay spooled; say so, retry
-                log.exception("worker: processing failed; the instances stay in %s and are retried in %.0f s", self.spool.folder, self.retry_s)
+                    continue
+                try:
+                    batches.put(self._classify(files))
+                except Exception:  # noqa: BLE001 - the files stay spooled; say so, retry
+                    self._release(files)
+                    log.exception("worker: classification failed; the instances stay in %s, retried in %.0f s", self.spool.folder, self.retry_s)
+                    self._stop.wait(self.retry_s)
+        finally:
+            batches.put(None)
+            committer.join()
+
+    def _commit_loop(self, batches: queue.Queue) -> None:
+        while True:
+            batch = batches.get()
+            if batch is None:
+                return
+            try:
+                for job, prediction in batch:
+                    self._commit(job, prediction)
+            except Exception:  # noqa: BLE001 - e.g. a full disk: uncommitted instances stay spooled and are retried
+                log.exception("worker: committing results failed; the instances stay in %s, retried in %.0f s", self.spool.folder, self.retry_s)
                 self._stop.wait(self.retry_s)
+            finally:
+                self._release([job.path for job, _ in batch])
 
     def process_available(self) -> int:
-        """Process what is in the spool now, in batches; return how many instances were handled."""
+        """Process what is in the spool now, batch after batch in this thread; return how many were handled."""
         handled = 0
         while not self._stop.is_set():
-            files = self.spool.pending()[: self.batch_size]
+            files = self._claim()
             if not files:
                 break
-            started = time.perf_counter()
-            self._process(files)
-            self.stats.busy_s += time.perf_counter() - started
+            try:
+                for job, prediction in self._classify(files):
+                    self._commit(job, prediction)
+            finally:
+                self._release(files)
             handled += len(files)
         return handled
 
-    def _process(self, files: list[Path]) -> None:
+    def _claim(self) -> list[Path]:
+        """The oldest spooled files not already being worked on, at most one batch."""
+        with self._lock:
+            files = [p for p in self.spool.pending() if p not in self._claimed][: self.batch_size]
+            self._claimed.update((p, "") for p in files)
+        return files
+
+    def _release(self, paths: list[Path]) -> None:
+        with self._lock:
+            for path in paths:
+                self._claimed.pop(path, None)
+
+    def _classify(self, files: list[Path]) -> list[tuple[_Job, Prediction]]:
+        """Inspect and classify claimed files; duplicates (done, or in flight) are dropped here."""
         jobs: list[_Job] = []
-        seen: set[str] = set()
         for path in files:
             job = self._inspect(path)
-            if job.uid in self.ledger or job.uid in seen:
+            with self._lock:
+                duplicate = job.uid in self.ledger or job.uid in self._claimed.values()
+                if not duplicate:
+                    self._claimed[path] = job.uid
+            if duplicate:
                 self.stats.duplicates += 1
                 log.info("duplicate %s from %s: already has a result row", job.uid, job.extra["calling_ae"] or "?")
                 path.unlink(missing_ok=True)
                 continue
-            seen.add(job.uid)
             jobs.append(job)
         to_classify = [job for job in jobs if not (job.skip or job.error)]
-        kwargs = {"explain": True} if self.explain else {}
-        predictions = self.ensemble.predict_many([str(j.path) for j in to_classify], batch_size=max(1, len(to_classify)), **kwargs)
         by_path = {}
         if to_classify:
             started = time.perf_counter()
+            kwargs = {"explain": True} if self.explain else {}
+            predictions = self.ensemble.predict_many([str(j.path) for j in to_classify], batch_size=len(to_classify), **kwargs)
             by_path = {j.path: p for j, p in zip(to_classify, predictions)}
             self.stats.classify_s += time.perf_counter() - started
+        batch = []
         for job in jobs:
             if job.error:
                 prediction = Prediction(source=job.uid, status="error", error=job.error)
@@ -162,7 +215,8 @@ class Worker:
                 prediction = Prediction(source=job.uid, status="skipped", error=job.skip)
             else:
                 prediction = dataclasses.replace(by_path[job.path], source=job.uid)
-            self._commit(job, prediction)
+            batch.append((job, prediction))
+        return batch
 
     def _inspect(self, path: Path) -> _Job:
         import pydicom
