@@ -287,6 +287,30 @@ def test_worker_survives_a_failure_and_retries_the_spooled_instance(ensemble, tm
     assert failures and row["status"] == "ok" and row["sr"] and len(outbox.pending()) == 1 and not spool.pending()
 
 
+def test_pipelined_worker_keeps_arrival_order_and_one_row_per_instance(ensemble, tmp_path: Path) -> None:
+    import threading
+
+    spool, outbox = Spool(tmp_path / "spool"), Outbox(tmp_path)
+    ledger = Ledger(tmp_path / "results.jsonl", "jsonl", ensemble.labels, [m.name for m in ensemble.members])
+    ledger.open()
+    instances = [chest_instance(seed=30 + i, size=128) for i in range(10)]
+    for data in instances + instances[:4]:  # four sent twice, the copies arriving while the first ones are in flight
+        _spool_file(spool, data)
+    worker = Worker(ensemble, spool, ledger, outbox, batch_size=3)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while spool.pending():
+        assert time.monotonic() < deadline, "the spool was not drained"
+        time.sleep(0.05)
+    worker.stop()
+    thread.join(30)
+    ledger.close()
+    rows = read_rows(ledger.path)
+    assert [r["SOPInstanceUID"] for r in rows] == [uids_of(d)[2] for d in instances]
+    assert worker.stats.duplicates == 4 and len(outbox.pending()) == 10
+
+
 def test_outbox_replaces_an_older_copy_of_the_same_object(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path)
     outbox.put("2.25.1", b"first")
