@@ -7,7 +7,10 @@ times; wall time includes interpreter start, imports, model loading and writing 
 
     python benchmarks/plain_loop.py                          # default bundle + Xception-size model
     python benchmarks/plain_loop.py --models default --repeats 5
-    python benchmarks/plain_loop.py --json benchmarks/plain_loop.json
+    python benchmarks/plain_loop.py --json /tmp/after.json
+    PYTHONPATH=/tmp/old-checkout python benchmarks/plain_loop.py --json /tmp/before.json   # an older pneumoedge
+    python benchmarks/plain_loop.py --record --before /tmp/before.json --tune-budget 30 --note "..."
+        # measures, runs `pneumoedge tune` on the default bundle, rewrites its section of benchmarks/RESULTS.md
 
 The Xception-size model (keras.applications.Xception, weights=None, 299x299x3, 2 classes;
 20.9 M parameters, random weights: timing only) is built once with the [export] extra and
@@ -151,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", help="comma-separated precisions for the default bundle")
     parser.add_argument("--infer-args", default="", help="extra arguments for pneumoedge infer, e.g. '--threads 2'")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--record", action="store_true", help="rewrite this script's section of benchmarks/RESULTS.md")
+    parser.add_argument("--before", type=Path, help="figures (--json) of an older checkout, shown beside these")
+    parser.add_argument("--tune-budget", type=float, default=0.0, help="also run `pneumoedge tune` on the default bundle (seconds)")
+    parser.add_argument("--note", default="", help="conditions to record (other jobs running, ...)")
     options = parser.parse_args(argv)
 
     from pneumoedge.runtime.ensemble import default_bundle_path
@@ -162,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = importlib.util.spec_from_file_location("_machine", ROOT / "pneumoedge" / "runtime" / "machine.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules["_machine"] = module  # dataclasses look their module up
         spec.loader.exec_module(module)
         cpu_info = module.cpu_info
 
@@ -179,9 +187,89 @@ def main(argv: list[str] | None = None) -> int:
             results.append(compare(name, build_xception(XCEPTION_DIR / "bundle"), "fp32", images, options.repeats, extra))
         else:
             parser.error(f"unknown model {name!r}")
+    record = {"machine": cpu.to_dict(), "images": options.images, "results": results,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": ["python", *sys.argv]}
+    if options.tune_budget > 0:
+        record["tune"] = run_tune(default_bundle_path(), options.tune_budget)
     if options.json:
-        options.json.write_text(json.dumps({"machine": cpu.to_dict(), "images": options.images, "results": results}, indent=2) + "\n")
+        options.json.write_text(json.dumps(record, indent=2) + "\n")
+    if options.record:
+        before = json.loads(options.before.read_text()) if options.before else None
+        write_section(ROOT / "benchmarks" / "RESULTS.md", render(record, before, options.note))
     return 0
+
+
+def run_tune(bundle: Path, budget: float) -> dict:
+    """`pneumoedge tune` on `bundle` (the library call), as it would run on this machine."""
+    from pneumoedge.runtime.tuning import tune
+
+    load = load_average()
+    result = tune(bundle, budget_s=budget)
+    return {"load_average": load, "seconds": result.seconds, "choice": result.choice.to_dict(), "measured": result.measured,
+            "skipped": result.skipped}
+
+
+MARKERS = ("<!-- plain_loop:start -->", "<!-- plain_loop:end -->")
+
+
+def render(record: dict, before: dict | None, note: str) -> str:
+    """The RESULTS.md section: machine and flags, the plain-loop table (before/after), the tune rows."""
+    machine = record["machine"]
+    lines = [
+        MARKERS[0],
+        "## Whole process: `pneumoedge infer` vs a plain onnxruntime loop; `pneumoedge tune`",
+        "",
+        f"- **Date**: {record['created']}; **command**: `{' '.join(record['command'])}`",
+        f"- **Machine**: {machine['cpu']}, {machine['logical_cores']} logical cores; **SIMD**: "
+        f"{' '.join(machine['simd']) or 'no AVX2/VNNI/AMX'}; VNNI/AMX for int8: {'yes' if machine['fast_int8'] else '**no**'}",
+        f"- **Conditions**: {note or 'not noted'}; load average beside each row (1, 5, 15 min, at the row's start)",
+        f"- **Protocol**: {record['images']} X-ray-sized phantom JPEGs (1024-1600 px, synthetic); each side a fresh process, "
+        "alternating, 3 runs after one warm-up each; medians. The plain loop: cv2 decode as the spec asks, cv2 resize, one "
+        "session per model file (onnxruntime's default threads), one image at a time. CPU = user + system seconds of the "
+        "process: the figure other jobs on a shared machine disturb least.",
+        "",
+        "| model | precision | plain loop wall s | `infer` wall s | plain CPU s | `infer` CPU s | infer / plain (wall) | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def rows(data: dict, label: str) -> None:
+        for r in data["results"]:
+            lines.append(
+                f"| {r['model']} {label} | {r['precision']} | {r['plain_median_s']:.2f} | **{r['infer_median_s']:.2f}** | "
+                f"{r.get('plain_cpu_median_s', float('nan')):.2f} | {r.get('infer_cpu_median_s', float('nan')):.2f} | "
+                f"{r['infer_median_s'] / r['plain_median_s']:.2f} | {r['runs'][0]['load_average']} |"
+            )
+
+    if before:
+        rows(before, "(before)")
+    rows(record, "(now)" if before else "")
+    tune = record.get("tune")
+    if tune:
+        choice = tune["choice"]
+        lines += [
+            "",
+            f"`pneumoedge tune` on the default bundle ({tune['seconds']:.0f} s, load {tune['load_average']}): chosen "
+            f"**{choice['precision']}, threads {choice['threads']} x {choice['runners']} runners, batch {choice['batch']}** "
+            f"({choice['reason']}).",
+            "",
+            "| precision | threads | runners | batch | images/s | load |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in sorted(tune["measured"], key=lambda r: -r["images_per_s"]):
+            lines.append(f"| {r['precision']} | {r['threads']} | {r['runners']} | {r['batch']} | {r['images_per_s']:.1f} | {r['load_average']} |")
+    lines += ["", "Reproduce: `python benchmarks/plain_loop.py --record` (docs/speed.md). This section is rewritten by that script only.",
+              MARKERS[1]]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(MARKERS[1]):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

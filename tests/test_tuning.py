@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import pneumoedge
 from pneumoedge.bundle import MemberSource, read_manifest, write_bundle
 from pneumoedge.cli import app
-from pneumoedge.runtime import tuning
+from pneumoedge.runtime import machine, tuning
 from pneumoedge.runtime.machine import CpuInfo, cache_dir, parse_cpuinfo
 from tests.conftest import SPEC_GRAY, gradient_image
 from tests.onnx_models import mean_model
@@ -210,7 +210,7 @@ def test_load_checks_the_members_it_opens_and_info_checks_them_all(tmp_path: Pat
 
 def test_optimized_graph_cache_gives_the_same_probabilities(tmp_path: Path, monkeypatch, own_cache: Path) -> None:
     """The cached optimized graph is written once, after the checksum passed, and predicts the same."""
-    monkeypatch.setattr(tuning, "OPTIMIZED_GRAPH_MIN_BYTES", 0)  # the test models are tiny
+    monkeypatch.setattr(machine, "OPTIMIZED_GRAPH_MIN_BYTES", 0)  # the test models are tiny
     bundle = two_precision_bundle(tmp_path)
     image = gradient_image(80, 60, 9)
     fresh = pneumoedge.load(bundle, precision="fp32").predict(image)
@@ -226,7 +226,7 @@ def test_optimized_graph_cache_gives_the_same_probabilities(tmp_path: Path, monk
 
 
 def test_a_changed_member_never_enters_the_optimized_cache(tmp_path: Path, monkeypatch, own_cache: Path) -> None:
-    monkeypatch.setattr(tuning, "OPTIMIZED_GRAPH_MIN_BYTES", 0)
+    monkeypatch.setattr(machine, "OPTIMIZED_GRAPH_MIN_BYTES", 0)
     bundle = two_precision_bundle(tmp_path)
     other = mean_model(tmp_path / "other.onnx", SPEC_GRAY, a=(-9.0,))
     (bundle / "m.fp32.onnx").write_bytes(other.read_bytes())  # loadable, but not the bundle's file
@@ -236,7 +236,7 @@ def test_a_changed_member_never_enters_the_optimized_cache(tmp_path: Path, monke
 
 
 def test_big_member_is_not_rehashed_until_its_file_changes(tmp_path: Path, monkeypatch, own_cache: Path) -> None:
-    monkeypatch.setattr(tuning, "OPTIMIZED_GRAPH_MIN_BYTES", 0)
+    monkeypatch.setattr(machine, "OPTIMIZED_GRAPH_MIN_BYTES", 0)
     bundle = two_precision_bundle(tmp_path)
     pneumoedge.load(bundle, precision="fp32")  # hashes, records the file, caches the graph
     member = bundle / "m.fp32.onnx"

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
 import os
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
 
 #: SIMD flags worth naming (Linux /proc/cpuinfo spelling). VNNI (AVX-512 or AVX) and AMX give
 #: onnxruntime's int8 kernels their speed; without them int8 is often slower than fp32.
@@ -78,3 +85,73 @@ def cache_dir() -> Path:
         return Path(os.environ["LOCALAPPDATA"]) / "pneumoedge"
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
     return (Path(xdg) if xdg else Path.home() / ".cache") / "pneumoedge"
+
+
+# -- caches that make a process start faster on this computer ------------------------------
+
+#: Members at least this large keep onnxruntime's optimized graph in the cache folder: their
+#: session creation (graph optimisation) costs a few tenths of a second; small ones' does not.
+OPTIMIZED_GRAPH_MIN_BYTES = 2_000_000
+
+
+def optimized_graph_file(member_sha256: str, size_bytes: int, device: str) -> Optional[Path]:
+    """Where a member's optimized graph is kept for this CPU and onnxruntime (None: not worth it).
+
+    Named by the member's checksum and a digest of CPU model, SIMD flags and onnxruntime
+    version, because the optimized graph holds kernels chosen for exactly those.
+    PNEUMOEDGE_OPTIMIZED_CACHE=0 turns it off.
+    """
+    if device != "cpu" or size_bytes < OPTIMIZED_GRAPH_MIN_BYTES or os.environ.get("PNEUMOEDGE_OPTIMIZED_CACHE", "1") == "0":
+        return None
+    import onnxruntime as ort
+
+    cpu = cpu_info()
+    machine = hashlib.sha256(json.dumps([cpu.model, list(cpu.flags), ort.__version__]).encode()).hexdigest()[:12]
+    return cache_dir() / "optimized" / f"{member_sha256[:32]}-{machine}.onnx"
+
+
+def file_stat(path: Path) -> Optional[list[int]]:
+    """(device, inode, size, mtime_ns, ctime_ns) of a file, or None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    # ctime cannot be set back by touch: any write to the file changes it.
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _verified_file(sha256: str) -> Path:
+    return cache_dir() / "verified" / f"{sha256[:32]}.json"
+
+
+def verified_before(path: Path, sha256: str) -> bool:
+    """Whether this very file (same device, inode, size, mtime and ctime) already hashed to `sha256`.
+
+    Git trusts its index the same way. Used for big members only (an 80 MB member costs ~0.2 s
+    of CPU to hash on every start); `pneumoedge info` and PNEUMOEDGE_ALWAYS_HASH=1 hash anyway.
+    """
+    if os.environ.get("PNEUMOEDGE_ALWAYS_HASH", "0") == "1":
+        return False
+    try:
+        record = json.loads(_verified_file(sha256).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    now = file_stat(path)
+    return isinstance(record, dict) and now is not None and record.get("sha256") == sha256 \
+        and record.get("path") == str(Path(path).resolve()) and record.get("stat") == now
+
+
+def remember_verified(path: Path, sha256: str, stat_before: Optional[list[int]]) -> None:
+    """Record that `path` hashed to `sha256`, when it did not change while it was read."""
+    now = file_stat(path)
+    if now is None or now != stat_before:
+        return
+    target = _verified_file(sha256)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=".verified-")
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump({"sha256": sha256, "path": str(Path(path).resolve()), "stat": now}, out)
+        os.replace(tmp, target)
+    except OSError as exc:
+        log.info("checksum record %s not written (%s)", target, exc)
