@@ -218,7 +218,7 @@ def record(f: dict) -> None:
         f"- **Machine**: {m['model']}, {m['logical_cores']} logical cores, SIMD flags: {', '.join(m['flags']) or 'none named'}; "
         f"load average (1, 5, 15 min) at start {[round(x, 2) for x in f['load_average_start_end'][0]]}, "
         f"at end {[round(x, 2) for x in f['load_average_start_end'][1]]}" + (f"; {f['note']}" if f['note'] else ""),
-        f"- **Setup**: {f['orthanc']} and the node on the same machine (127.0.0.1); default bundle, default precision; "
+        f"- **Setup**: {f['orthanc']} and the node on the same machine (127.0.0.1); default bundle, `--precision auto` (fp32 on this CPU); "
         f"`listen` options: {f['listen_args'] or 'defaults'}; {f['count']} instances of {f['image']} in one push request "
         "(Orthanc pushes over one association, one instance at a time); SR visibility polled on Orthanc's `/changes` every 20 ms.",
         "",
@@ -229,7 +229,7 @@ def record(f: dict) -> None:
         f"| push-to-SR-visible, one instance at a time (n={f['isolated_latency_s']['n']}) | p50 {f['isolated_latency_s']['p50']:.2f} s, p95 {f['isolated_latency_s']['p95']:.2f} s |",
         f"| push-to-SR-visible in the burst, from the burst's start | p50 {f['burst_latency_from_start_s']['p50']:.2f} s, p95 {f['burst_latency_from_start_s']['p95']:.2f} s, last {f['burst_latency_from_start_s']['max']:.2f} s |",
         f"| in the burst, from the instance's arrival at pneumoedge | p50 {f['burst_latency_from_arrival_s']['p50']:.2f} s, p95 {f['burst_latency_from_arrival_s']['p95']:.2f} s |",
-        f"| the node's own time over all {f['instances_total']} instances: decode + models / building SR objects (highdicom) | "
+        f"| the node's own time over all {f['instances_total']} instances: decode + models / building SR objects (highdicom), in two threads that overlap | "
         f"{_ms(f['node_classify_s'], f['instances_total'])} / {_ms(f['node_report_s'], f['instances_total'])} per instance |",
         "",
         "Reproduce: `python -m benchmarks.pacs_burst` (needs Debian's `orthanc`). This section is rewritten by that script only;"
