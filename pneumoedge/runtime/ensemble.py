@@ -2,193 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
-
+from pneumoedge.bundle import BundleError, Manifest
 from pneumoedge.explain import Explanation
 from pneumoedge.explain.maps import combine as combine_maps
 from pneumoedge.explain.maps import original_size, work_grid
 from pneumoedge.explain.overlay import to_display_gray
-from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, Manifest, ModelCard, card_from_metadata, read_manifest, verify_file
 from pneumoedge.imageio import ImageError, ImageSource, read_bytes
 from pneumoedge.preprocessing import read_for, to_tensor
-from pneumoedge.runtime.ood import OodError, OodStats
+from pneumoedge.runtime.map_sources import map_source_for
+from pneumoedge.runtime.members import LoadedMember
 from pneumoedge.runtime.ood import combine as ood_combine
-from pneumoedge.runtime.sessions import commit_optimized, create_session
-from pneumoedge.runtime.tuning import file_stat, optimized_graph_file, remember_verified, resolve, rule, verified_before
-
-ModelRef = Union[str, Path]
-_ORT_LOAD_ERRORS = (_ort_state.InvalidProtobuf, _ort_state.Fail, _ort_state.InvalidGraph, _ort_state.NoSuchFile, _ort_state.InvalidArgument)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One input's result. Decision support for clinicians, never a diagnosis.
-
-    `probability` is that of `label`; `probabilities` has every label's. For a binary task the
-    label is the positive one when its probability reaches `threshold`. `disagreement` is the
-    largest spread (max - min) of any label's probability across members (0 for one member).
-    """
-
-    source: str
-    status: str  # "ok" or "error"
-    label: Optional[str] = None
-    probability: Optional[float] = None
-    probabilities: dict[str, float] = field(default_factory=dict)
-    member_probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
-    disagreement: Optional[float] = None
-    threshold: Optional[float] = None
-    provider: Optional[str] = None
-    error: str = ""
-    #: Out-of-distribution flag and score (None: the model carries no statistics to judge).
-    ood: Optional[bool] = None
-    ood_score: Optional[float] = None
-    #: Where the heatmap overlay of this image was written ("" when none was asked for).
-    overlay_path: str = ""
-    #: The heatmap, when predicted with `explain=True` (see `pneumoedge.explain`).
-    explanation: Optional[Any] = field(default=None, repr=False, compare=False)
-
-    @property
-    def heatmap(self) -> Optional[np.ndarray]:
-        """float32 (height, width) of the original image, 0..1; None unless predicted with explain=True."""
-        return None if self.explanation is None else self.explanation.heatmap
-
-    def overlay(self, max_side: int = 1024) -> np.ndarray:
-        """uint8 RGB: the X-ray with the heatmap, a legend, the result and the decision-support notice.
-
-        Raises ValueError when this prediction has no heatmap (see `Ensemble.explain_note`).
-        """
-        if self.explanation is None:
-            raise ValueError(f"{self.source}: no heatmap (predict with explain=True, on a model whose graphs carry heatmaps)")
-        return self.explanation.overlay(max_side)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.source,
-            "status": self.status,
-            "label": self.label,
-            "probability": self.probability,
-            "probabilities": self.probabilities,
-            "member_probabilities": self.member_probabilities,
-            "disagreement": self.disagreement,
-            "threshold": self.threshold,
-            "provider": self.provider,
-            "ood": self.ood,
-            "ood_score": self.ood_score,
-            "overlay": self.overlay_path,
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True)
-class LoadedMember:
-    """A member with its open session."""
-
-    name: str
-    weight: float
-    card: ModelCard
-    session: ort.InferenceSession
-    source: str
-    precision: str = "fp32"
-
-    @property
-    def input_name(self) -> str:
-        return self.session.get_inputs()[0].name
-
-    @property
-    def provider(self) -> str:
-        return self.session.get_providers()[0]
-
-    @property
-    def dynamic_batch(self) -> bool:
-        return not isinstance(self.session.get_inputs()[0].shape[0], int)
-
-    @property
-    def output_name(self) -> str:
-        return self.session.get_outputs()[0].name
-
-    @property
-    def heatmap_output(self) -> Optional[str]:
-        """The graph's heatmap output, when its card names one that exists."""
-        name = (self.card.explain or {}).get("heatmap_output")
-        return name if name and name in {o.name for o in self.session.get_outputs()} else None
-
-    @property
-    def features_output(self) -> Optional[str]:
-        """The graph's pooled-features output (what the out-of-distribution score reads), if any."""
-        name = (self.card.explain or {}).get("features_output")
-        return name if name and name in {o.name for o in self.session.get_outputs()} else None
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Run a batch of tensors; return (N, K) probabilities (activation applied)."""
-        return self.run_outputs(batch)[0]
-
-    def run_explained(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, K) probabilities and (N, h, w) raw heatmaps, from one run of the graph."""
-        probs, maps, _ = self.run_outputs(batch, heatmap=True)
-        return probs, maps  # type: ignore[return-value]
-
-    def run_outputs(
-        self, batch: np.ndarray, *, heatmap: bool = False, features: bool = False
-    ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
-        """One run: (N, K) probabilities, and when asked (N, h, w) raw heatmaps and (N, C) features."""
-        names = [self.output_name] + ([self.heatmap_output] if heatmap else []) + ([self.features_output] if features else [])
-        outputs = self._run(names, batch)
-        probs = self._probabilities(outputs[0], len(batch))
-        maps = np.asarray(outputs[1], dtype=np.float32) if heatmap else None
-        feats = np.asarray(outputs[-1]).reshape(len(batch), -1) if features else None
-        return probs, maps, feats
-
-    def _run(self, names: list, batch: np.ndarray) -> list:
-        # Only the named outputs are copied out: plain runs never fetch the heatmaps.
-        if self.dynamic_batch:
-            return self.session.run(names, {self.input_name: batch})
-        parts = [self.session.run(names, {self.input_name: batch[i : i + 1]}) for i in range(len(batch))]
-        return [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
-
-    def _probabilities(self, raw: np.ndarray, count: int) -> np.ndarray:
-        raw = np.asarray(raw, dtype=np.float64).reshape(count, -1)
-        if self.card.activation == "sigmoid":
-            raw = 1.0 / (1.0 + np.exp(-raw))
-        elif self.card.activation == "softmax":
-            shifted = np.exp(raw - raw.max(axis=1, keepdims=True))
-            raw = shifted / shifted.sum(axis=1, keepdims=True)
-        if self.card.task == "binary" and raw.shape[1] == 1:
-            raw = np.concatenate([1.0 - raw, raw], axis=1)
-        if raw.shape[1] != len(self.card.labels):
-            raise BundleError(
-                f"{self.source}: model outputs {raw.shape[1]} values per image but has "
-                f"{len(self.card.labels)} labels {list(self.card.labels)}"
-            )
-        return raw
-
-
-def _check_input_shape(member: LoadedMember) -> None:
-    node = member.session.get_inputs()[0]
-    expected = member.card.spec.input_shape
-    shape = list(node.shape)
-    if len(member.session.get_inputs()) != 1:
-        raise BundleError(f"{member.source}: model has {len(member.session.get_inputs())} inputs; one image input expected")
-    if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected)):
-        raise BundleError(
-            f"{member.source}: ONNX input {node.name!r} has shape {shape}, which does not fit its spec "
-            f"({member.card.spec.layout} {list(expected)} plus a batch axis)"
-        )
-    if node.type != "tensor(float)":
-        raise BundleError(f"{member.source}: ONNX input {node.name!r} is {node.type}; float32 expected")
+from pneumoedge.runtime.ood import manifest_entries, member_stats
+from pneumoedge.runtime.prediction import Prediction
 
 
 class Ensemble:
@@ -227,7 +63,7 @@ class Ensemble:
         self._decode_keys = sorted({m.card.spec.decode_key for m in members})
         self._explain_lock = threading.Lock()
         self._map_sources: dict[str, tuple[Optional[LoadedMember], str]] = {}
-        self._ood = [_ood_stats(manifest, m) for m in self.members]
+        self._ood = [member_stats(manifest, m) for m in self.members]
 
     @property
     def provider(self) -> str:
@@ -301,7 +137,7 @@ class Ensemble:
     @property
     def ood_note(self) -> str:
         """How out-of-distribution images are flagged, or why they cannot be."""
-        fitted = [(m, e) for m, e in zip(self.members, _ood_entries(self.manifest, self.members)) if e]
+        fitted = [(m, e) for m, e in zip(self.members, manifest_entries(self.manifest, self.members)) if e]
         if not fitted:
             return "cannot flag out-of-distribution images: this model carries no reference statistics (ood columns stay empty)"
         counts = ", ".join(f"{m.name}: {e.get('reference_images', '?')} images" for m, e in fitted)
@@ -422,7 +258,7 @@ class Ensemble:
         """The graph that gives `member`'s heatmap: itself, its fp32 sibling, or none."""
         with self._explain_lock:
             if member.name not in self._map_sources:
-                self._map_sources[member.name] = _map_source_for(self, member)
+                self._map_sources[member.name] = map_source_for(self, member)
             return self._map_sources[member.name][0]
 
     def map_sources(self) -> dict[str, str]:
@@ -477,7 +313,7 @@ class Ensemble:
             "out_of_distribution": {
                 "available": self.can_flag_ood,
                 "note": self.ood_note,
-                "members": {m.name: {k: v for k, v in e.items() if k != "path"} for m, e in zip(self.members, _ood_entries(self.manifest, self.members)) if e},
+                "members": {m.name: {k: v for k, v in e.items() if k != "path"} for m, e in zip(self.members, manifest_entries(self.manifest, self.members)) if e},
             },
         }
 
@@ -487,48 +323,6 @@ class _Prepared(NamedTuple):
 
     tensors: list
     view: Optional[tuple[np.ndarray, tuple[int, int]]]
-
-
-def _ood_entries(manifest: Optional[Manifest], members: Sequence[LoadedMember]) -> list[Optional[dict]]:
-    if manifest is None:
-        return [None] * len(members)
-    entries = {(e.name, e.precision): e.ood for e in manifest.members}
-    return [entries.get((m.name, m.precision)) for m in members]
-
-
-def _ood_stats(manifest: Optional[Manifest], member: LoadedMember) -> Optional[OodStats]:
-    """A bundle member's out-of-distribution statistics, checksummed and read (None without)."""
-    entry = _ood_entries(manifest, [member])[0]
-    if not entry:
-        return None
-    if member.features_output is None:
-        raise BundleError(f"{member.source}: has out-of-distribution statistics but its graph gives no features output")
-    verify_file(entry["path"], entry["sha256"])
-    try:
-        return OodStats.load(entry["path"])
-    except OodError as exc:
-        raise BundleError(str(exc)) from None
-
-
-def _map_source_for(ensemble: Ensemble, member: LoadedMember) -> tuple[Optional[LoadedMember], str]:
-    """An int8 member whose maps did not correlate with fp32's at export gets its fp32 sibling's maps."""
-    if member.heatmap_output is None:
-        return None, "no heatmap output"
-    if member.precision != "int8":
-        return member, f"{member.precision} graph"
-    check = (member.card.explain or {}).get("int8_check") or {}
-    if check.get("heatmap_from") == "int8":
-        return member, f"int8 graph (r >= {check.get('min_correlation', 0):.3f} vs fp32 at export)"
-    sibling = None
-    if ensemble.manifest is not None:
-        sibling = next((e for e in ensemble.manifest.members if e.name == member.name and e.precision == "fp32"), None)
-    if sibling is None:
-        return member, "int8 graph (not checked against fp32)"
-    device = "cuda" if member.provider == "CUDAExecutionProvider" else "cpu"
-    session = _open(sibling.path, device, ensemble.threads)
-    fp32 = LoadedMember(sibling.name, sibling.weight, sibling.card, session, str(sibling.path), "fp32")
-    why = f"r = {check['min_correlation']:.3f} vs fp32 at export" if "min_correlation" in check else "not checked at export"
-    return fp32, f"fp32 graph (int8 maps: {why})"
 
 
 def _spec_with_key(ensemble: Ensemble, key: tuple[int, bool]):
@@ -541,152 +335,7 @@ def _name_of(source: ImageSource) -> str:
     return "<array>" if isinstance(source, np.ndarray) else "<bytes>"
 
 
-def default_bundle_path() -> Path:
-    """The bundled default model: inside the installed wheel, or models/ in a source checkout."""
-    package = Path(__file__).resolve().parent.parent
-    for candidate in (package / "models" / "default", package.parent / "models" / "default"):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    raise BundleError("no default bundle found (models/default is missing from this install); pass --model")
+# The loaders live in pneumoedge.runtime.loading; they are re-exported here, where callers import them.
+from pneumoedge.runtime.loading import ModelRef, default_bundle_path, load  # noqa: E402
 
-
-def load(
-    model: Union[ModelRef, Sequence[ModelRef], None] = None,
-    *,
-    device: str = "cpu",
-    precision: str = "auto",
-    threads: Union[int, None, str] = None,
-) -> Ensemble:
-    """Load a bundle folder, or one or more self-describing `.onnx` files, ready to predict.
-
-    Args:
-        model: a bundle folder; an `.onnx` path; a list of `.onnx` paths (an ad-hoc ensemble,
-            equal weights); or None for the bundled default model.
-        device: "cpu", "cuda" (fails clearly when CUDA cannot run) or "auto".
-        precision: for bundles: "auto" (this computer's choice: what `pneumoedge tune` measured,
-            else int8 only where it passed its accuracy check and the CPU has VNNI/AMX),
-            "default" (the manifest's choice), "fp32" or "int8".
-        threads: onnxruntime intra-op threads per session (None: its default, every core);
-            "auto": this computer's choice for folders (see `pneumoedge.runtime.tuning`).
-
-    The configuration in use and where it came from is `ensemble.configuration`.
-    """
-    refs = [default_bundle_path()] if model is None else [model] if isinstance(model, (str, Path)) else list(model)
-    if not refs:
-        raise BundleError("no model given")
-    paths = [Path(r) for r in refs]
-    if any(p.is_dir() for p in paths):
-        if len(paths) != 1:
-            raise BundleError("give one bundle folder, or one or more .onnx files, not a mix")
-        return _load_bundle(paths[0], device, precision, threads)
-    config = rule(None, model_bytes=max(p.stat().st_size if p.is_file() else 0 for p in paths))
-    if threads != "auto":
-        config = replace(config, threads=threads, source="user", reason="threads as given")
-    members = [_load_onnx(p, device, config.threads) for p in paths]
-    names = [m.name for m in members]
-    if len(set(names)) != len(names):
-        members = [_renamed(m, f"{m.name}_{i}") for i, m in enumerate(members)]
-    found = {_metadata_threshold(m.session) for m in members}
-    if len(found) == 1 and None not in found:
-        threshold, method = found.pop(), "from the models' metadata"
-    else:
-        threshold, method = 0.5, "default 0.5 (the ONNX files carry no shared threshold)"
-    ensemble = Ensemble(members, threshold=threshold, threshold_method=method, threads=config.threads)
-    ensemble.configuration = config
-    return ensemble
-
-
-def _renamed(member: LoadedMember, name: str) -> LoadedMember:
-    return LoadedMember(name, member.weight, member.card, member.session, member.source, member.precision)
-
-
-def _metadata_threshold(session: ort.InferenceSession) -> Optional[float]:
-    text = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY, "{}")
-    value = json.loads(text).get("threshold")
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def _open(path: Path, device: str, threads: Optional[int]) -> ort.InferenceSession:
-    try:
-        return create_session(path, device, threads)
-    except _ORT_LOAD_ERRORS as exc:
-        raise BundleError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
-
-
-def _load_onnx(path: Path, device: str, threads: Optional[int]) -> LoadedMember:
-    if not path.is_file():
-        raise BundleError(f"{path}: no such model file or bundle folder")
-    session = _open(path, device, threads)
-    card = card_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
-    member = LoadedMember(path.stem, 1.0, card, session, str(path))
-    _check_input_shape(member)
-    return member
-
-
-def _load_bundle(root: Path, device: str, precision: str, threads: Union[int, None, str]) -> Ensemble:
-    manifest = read_manifest(root, verify=False)  # checksums below: only the members loaded
-    try:
-        config = resolve(manifest, precision=precision, threads=threads, device=device)
-    except ValueError as exc:
-        raise BundleError(str(exc)) from None
-    members = []
-    for entry in manifest.members_for(config.precision):
-        session = _open_verified(entry, device, config.threads)
-        member = LoadedMember(entry.name, entry.weight, entry.card, session, str(entry.path), entry.precision)
-        _check_input_shape(member)
-        members.append(member)
-    ensemble = Ensemble(
-        members, threshold=manifest.threshold, threshold_method=manifest.threshold_method, manifest=manifest, threads=config.threads
-    )
-    ensemble.configuration = config
-    return ensemble
-
-
-def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.InferenceSession:
-    """Open a member from one read of its file, hashing those bytes while the session is built.
-
-    A big member (an 80 MB Xception) costs ~0.2 s to hash: in a thread beside session creation
-    (both release the GIL) that time is hidden, and the file is read once, not twice. A big
-    member whose very file (inode, size, mtime, ctime) hashed right before is not hashed again,
-    and its optimized graph comes from the cache (docs/speed.md).
-    """
-    size = os.path.getsize(entry.path)
-    optimized = optimized_graph_file(entry.sha256, size, device)
-    if optimized is not None and optimized.is_file() and verified_before(entry.path, entry.sha256):
-        session = _open_bytes(entry.path, str(entry.path), device, threads, optimized)
-        commit_optimized(optimized, verified=True)  # a damaged cache file was rebuilt from the trusted file
-        return session
-    stat_before = file_stat(entry.path)
-    try:
-        data = Path(entry.path).read_bytes()
-    except OSError as exc:
-        raise BundleError(f"{entry.path}: cannot read member file: {exc.strerror or exc}") from None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pneumoedge-sha256") as pool:
-        digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
-        try:
-            session: Optional[ort.InferenceSession] = _open_bytes(entry.path, data, device, threads, optimized)
-            failure = None
-        except BundleError as exc:  # a changed file is reported as changed, not as unloadable
-            session, failure = None, exc
-        actual = digest.result()
-    if optimized is not None:
-        commit_optimized(optimized, verified=actual == entry.sha256 and failure is None)
-    if actual == entry.sha256 and failure is not None:
-        raise failure
-    if optimized is not None and actual == entry.sha256:
-        remember_verified(entry.path, actual, stat_before)
-    if actual != entry.sha256:
-        raise BundleError(
-            f"{entry.path}: checksum mismatch (manifest sha256 {entry.sha256[:12]}…, file {actual[:12]}…); "
-            "the file was changed or corrupted after the bundle was made"
-        )
-    return session
-
-
-def _open_bytes(
-    path: Path, data: Union[bytes, str], device: str, threads: Optional[int], optimized: Optional[Path] = None
-) -> ort.InferenceSession:
-    try:
-        return create_session(data, device, threads, optimized_cache=optimized)
-    except _ORT_LOAD_ERRORS as exc:
-        raise BundleError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+__all__ = ["Ensemble", "LoadedMember", "ModelRef", "Prediction", "default_bundle_path", "load"]

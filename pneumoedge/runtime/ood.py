@@ -19,9 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
+
+from pneumoedge.bundle import BundleError, Manifest, verify_file
+
+if TYPE_CHECKING:
+    from pneumoedge.runtime.members import LoadedMember
 
 METHOD = "Mahalanobis distance of pooled feature-layer activations, Ledoit-Wolf shrunk covariance (Lee et al. 2018)"
 DEFAULT_PERCENTILE = 99.0
@@ -132,3 +137,24 @@ def combine(distances: Sequence[float], thresholds: Sequence[float], weights: Se
     ratios = np.asarray(distances, dtype=np.float64) / np.asarray(thresholds, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     return float((ratios * w).sum() / w.sum())
+
+
+def manifest_entries(manifest: Optional[Manifest], members: Sequence["LoadedMember"]) -> list[Optional[dict]]:
+    if manifest is None:
+        return [None] * len(members)
+    entries = {(e.name, e.precision): e.ood for e in manifest.members}
+    return [entries.get((m.name, m.precision)) for m in members]
+
+
+def member_stats(manifest: Optional[Manifest], member: "LoadedMember") -> Optional[OodStats]:
+    """A bundle member's out-of-distribution statistics, checksummed and read (None without)."""
+    entry = manifest_entries(manifest, [member])[0]
+    if not entry:
+        return None
+    if member.features_output is None:
+        raise BundleError(f"{member.source}: has out-of-distribution statistics but its graph gives no features output")
+    verify_file(entry["path"], entry["sha256"])
+    try:
+        return OodStats.load(entry["path"])
+    except OodError as exc:
+        raise BundleError(str(exc)) from None
