@@ -73,7 +73,9 @@ class Ledger:
         return sop_uid in self.done
 
     def write(self, prediction: Prediction, extra: dict[str, Any]) -> None:
+        """Append the row and fsync it: the spool file is removed next, so the row must survive a power cut."""
         self.writer.write(prediction, extra)
+        os.fsync(self.writer._fd)
         if extra.get(UID_COLUMN):
             self.done.add(str(extra[UID_COLUMN]))
 
