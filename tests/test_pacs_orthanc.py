@@ -222,6 +222,29 @@ def test_undecodable_jpeg_lossless_in_the_spool_is_an_error_row_that_says_why(or
     assert row["status"] == "error" and "JPEG Lossless" in row["error"] and "pip install" in row["error"]
 
 
+def test_every_offered_compressed_syntax_orthanc_can_write_decodes_to_the_same_result(orthanc: Orthanc, ensemble) -> None:
+    """What the node offers must really decode (8- and 12-bit), not just have a decoder listed."""
+    from pneumoedge.pacs.receive import decodable_transfer_syntaxes
+
+    tried = []
+    for sixteen_bit in (False, True):
+        data = chest_instance(modality="CR", sixteen_bit=sixteen_bit, seed=40)
+        reference = ensemble.predict(data).probabilities["PNEUMONIA"]
+        instance = orthanc.upload(data)
+        for syntax in decodable_transfer_syntaxes()[2:]:
+            try:
+                encoded = orthanc.request("POST", f"/instances/{instance}/modify", {"Transcode": syntax, "Force": True, "Keep": ["SOPInstanceUID"]}, raw=True)
+            except Exception:  # noqa: BLE001 - Orthanc 1.10 cannot write this syntax (RLE, JPEG 2000, 12-bit baseline)
+                continue
+            assert pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+            lossy = syntax in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.81")
+            got = ensemble.predict(encoded).probabilities["PNEUMONIA"]
+            assert got == pytest.approx(reference, abs=0.02 if lossy else 1e-6), syntax
+            tried.append(syntax)
+        orthanc.request("DELETE", f"/instances/{instance}")
+    assert "1.2.840.10008.1.2.4.80" in tried  # JPEG-LS lossless, 8- and 12-bit
+
+
 def test_same_instance_pushed_twice_gives_one_row_and_one_sr(orthanc: Orthanc, node_factory) -> None:
     node, name = node_factory()
     data = chest_instance(modality="DX", seed=6)

@@ -22,7 +22,9 @@ STORAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
 }
 VERIFICATION = "1.2.840.10008.1.1"
-_UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
+#: Explicit and implicit VR little endian. Explicit big endian (retired in 2004) is left out: a
+#: sender that has it converts, and nothing here has to trust an untested byte-swapping path.
+_UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 #: Compressed syntaxes offered only when an installed pydicom decoder can read them.
 _COMPRESSED = (
     "1.2.840.10008.1.2.5",  # RLE Lossless (pydicom's own)
@@ -32,9 +34,11 @@ _COMPRESSED = (
     "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit by definition)
 )
+# Not JPEG Extended (1.2.840.10008.1.2.4.51): pydicom calls its Pillow decoder available, but
+# Pillow reads only 8-bit ones, and 12-bit ones are what CR/DX hold (tried with Orthanc's
+# transcoder). Left out, a PACS converts them to a syntax offered here.
 _OUT_OF_RESOURCES = 0xA700
 _CANNOT_UNDERSTAND = 0xC000
 
