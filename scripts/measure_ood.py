@@ -84,6 +84,16 @@ def flag_rate(flags: Sequence[bool]) -> Optional[float]:
     return float(flags.mean()) if flags.size else None
 
 
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> Optional[tuple[float, float]]:
+    """95 % Wilson score interval of a rate k / n (sound at 0 and n, unlike the normal approximation)."""
+    if n <= 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
 def score_summary(scores: Sequence[float]) -> dict[str, Optional[float]]:
     """Mean, median, min and max of scores (None when empty)."""
     s = np.asarray(scores, dtype=np.float64)
@@ -102,8 +112,8 @@ def summarise(groups: dict[str, tuple[list[bool], list[float]]], reference: str 
         raise ValueError(f"no {reference!r} group")
     ref_flags, ref_scores = groups[reference]
     foreign = [k for k in groups if k != reference]
-    rows: dict[str, Any] = {reference: {"images": len(ref_flags), "flagged": int(np.sum(ref_flags)),
-                                        "false_alarm_rate": flag_rate(ref_flags), **score_summary(ref_scores)}}
+    rows: dict[str, Any] = {reference: {"images": len(ref_flags), "flagged": int(np.sum(ref_flags)), "false_alarm_rate": flag_rate(ref_flags),
+                                        "rate_ci95": wilson_interval(int(np.sum(ref_flags)), len(ref_flags)), **score_summary(ref_scores)}}
     pooled_flags: list[bool] = []
     pooled_scores: list[float] = []
     for kind in foreign:
@@ -111,9 +121,9 @@ def summarise(groups: dict[str, tuple[list[bool], list[float]]], reference: str 
         pooled_flags += list(flags)
         pooled_scores += list(scores)
         rows[kind] = {"images": len(flags), "flagged": int(np.sum(flags)), "detection_rate": flag_rate(flags),
-                      "auroc": auroc(ref_scores, scores), **score_summary(scores)}
+                      "rate_ci95": wilson_interval(int(np.sum(flags)), len(flags)), "auroc": auroc(ref_scores, scores), **score_summary(scores)}
     rows["all_foreign"] = {"images": len(pooled_flags), "flagged": int(np.sum(pooled_flags)), "detection_rate": flag_rate(pooled_flags),
-                           "auroc": auroc(ref_scores, pooled_scores), **score_summary(pooled_scores)}
+                           "rate_ci95": wilson_interval(int(np.sum(pooled_flags)), len(pooled_flags)), "auroc": auroc(ref_scores, pooled_scores), **score_summary(pooled_scores)}
     return rows
 
 
@@ -307,11 +317,13 @@ def _fmt(value: Optional[float], pattern: str) -> str:
 
 def format_table(figures: dict[str, Any]) -> str:
     """The figures as a Markdown table (one row per group)."""
-    lines = ["| images | n | flagged | rate | AUROC vs held-out | mean score | median score |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| images | n | flagged | rate (95 % interval) | AUROC vs held-out | mean score | median score |", "|---|---:|---:|---:|---:|---:|---:|"]
     for group, row in figures.items():
         rate = row.get("false_alarm_rate", row.get("detection_rate"))
+        ci = row.get("rate_ci95")
+        interval = f" ({ci[0]:.1%}-{ci[1]:.1%})" if ci else ""
         name = "held-out phantoms (false alarms)" if group == "heldout" else group.replace("_", " ")
-        lines.append(f"| {name} | {row['images']} | {row['flagged']} | {_fmt(rate, '.1%')} | {_fmt(row.get('auroc'), '.3f')} "
+        lines.append(f"| {name} | {row['images']} | {row['flagged']} | {_fmt(rate, '.1%')}{interval} | {_fmt(row.get('auroc'), '.3f')} "
                      f"| {_fmt(row['mean'], '.2f')} | {_fmt(row['median'], '.2f')} |")
     return "\n".join(lines)
 

@@ -70,6 +70,16 @@ def test_auroc_refuses_nan_and_says_none_when_a_side_is_empty():
         measure_ood.auroc([0.1, float("nan")], [1.0])
 
 
+@pytest.mark.parametrize(
+    "k, n, low, high",
+    [(4, 200, 0.007804, 0.050287), (0, 50, 0.0, 0.07135), (50, 50, 0.92865, 1.0), (1, 4, 0.04559, 0.69936)],
+)
+def test_wilson_interval(k, n, low, high):
+    lo, hi = measure_ood.wilson_interval(k, n)
+    assert lo == pytest.approx(low, abs=2e-5) and hi == pytest.approx(high, abs=2e-5)
+    assert measure_ood.wilson_interval(0, 0) is None
+
+
 def test_summarise_rates_counts_and_pooled_auroc():
     groups = {
         "heldout": ([False, False, False, True], [0.5, 0.7, 0.9, 1.2]),
@@ -86,8 +96,8 @@ def test_summarise_rates_counts_and_pooled_auroc():
     assert pooled["auroc"] == pytest.approx(_pairwise_auroc([0.5, 0.7, 0.9, 1.2], [5.0, 3.0, 0.6, 1.1, 0.8]))
     assert pooled["median"] == 1.1 and rows["noise"]["mean"] == 4.0
     table = measure_ood.format_table(rows)
-    assert "| held-out phantoms (false alarms) | 4 | 1 | 25.0% | - |" in table
-    assert "| all foreign | 5 | 3 | 60.0% |" in table
+    assert "| held-out phantoms (false alarms) | 4 | 1 | 25.0% (4.6%-69.9%) | - |" in table
+    assert "| all foreign | 5 | 3 | 60.0% (23.1%-88.2%) |" in table
     with pytest.raises(ValueError, match="heldout"):
         measure_ood.summarise({"noise": ([True], [2.0])})
 
