@@ -311,6 +311,17 @@ def test_pipelined_worker_keeps_arrival_order_and_one_row_per_instance(ensemble,
     assert worker.stats.duplicates == 4 and len(outbox.pending()) == 10
 
 
+def test_a_results_folder_belongs_to_one_model(ensemble, bundle_dir: Path, tmp_path: Path) -> None:
+    from pneumoedge.pacs.node import Node, NodeConfig
+    from pneumoedge.runtime.results import OutputError
+
+    config = NodeConfig(out=tmp_path / "node", host="127.0.0.1", port=free_port())
+    Node(ensemble, config)
+    Node(ensemble, config)  # the same model again: fine
+    with pytest.raises(OutputError, match="another model"):
+        Node(load(bundle_dir), config)
+
+
 def test_outbox_replaces_an_older_copy_of_the_same_object(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path)
     outbox.put("2.25.1", b"first")

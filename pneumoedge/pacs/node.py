@@ -1,12 +1,14 @@
 """The DICOM node: receiver, worker and sender over one results folder, started and stopped together.
 
-Results folder layout: `results.jsonl|csv` (the rows, also the ledger), `spool/` (received,
+Results folder layout: `model.json` (which model owns the folder), `results.jsonl|csv` (the
+rows, also the ledger), `spool/` (received,
 not yet processed), `outbox/` (result objects not yet confirmed by the PACS), `sent/`,
 `refused/`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -18,7 +20,7 @@ from pneumoedge.pacs import report
 from pneumoedge.pacs.ledger import Ledger, find_results, results_file
 from pneumoedge.pacs.receive import Receiver
 from pneumoedge.pacs.send import Destination, Outbox, Sender
-from pneumoedge.pacs.spool import Spool
+from pneumoedge.pacs.spool import Spool, write_durably
 from pneumoedge.pacs.worker import Worker
 from pneumoedge.runtime.ensemble import Ensemble
 from pneumoedge.runtime.results import OutputError
@@ -40,6 +42,26 @@ class NodeConfig:
     batch_size: int = 8
 
 
+def _claim_folder(out: Path, identity: report.ModelIdentity) -> None:
+    """One results folder, one model: its rows are the ledger of what that model has done.
+
+    (Another model's rows would make this one skip those instances as duplicates.)
+    """
+    marker = out / "model.json"
+    mine = {"name": identity.name, "members": [list(m) for m in identity.members]}
+    if marker.exists():
+        try:
+            theirs = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            theirs = None
+        if theirs != mine:
+            name = theirs.get("name", "?") if isinstance(theirs, dict) else "?"
+            raise OutputError(f"{out} holds the results of another model ({name}, other member files); use another --out folder")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_durably(out, marker.name, (json.dumps(mine, indent=2) + "\n").encode())
+
+
 class Node:
     """`start()` opens the folder and listens; `stop()` finishes the current batch and releases the port."""
 
@@ -52,6 +74,7 @@ class Node:
         existing = find_results(out) if out.is_dir() else None
         if existing is not None and existing.suffix != f".{config.fmt}":
             raise OutputError(f"{out} already holds {existing.name}; use --format {existing.suffix[1:]} or another --out folder")
+        _claim_folder(out, report.model_identity(ensemble))
         self.spool = Spool(out / "spool")
         self.outbox = Outbox(out)
         self.ledger = Ledger(results_file(out, config.fmt), config.fmt, ensemble.labels, [m.name for m in ensemble.members])
