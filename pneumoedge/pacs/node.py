@@ -1,9 +1,8 @@
 """The DICOM node: receiver, worker and sender over one results folder, started and stopped together.
 
 Results folder layout: `model.json` (which model owns the folder), `results.jsonl|csv` (the
-rows, also the ledger), `spool/` (received,
-not yet processed), `outbox/` (result objects not yet confirmed by the PACS), `sent/`,
-`refused/`.
+rows, also the ledger), `spool/` (received, not yet processed), `outbox/` (result objects not
+yet confirmed by the PACS), `sent/`, `refused/`.
 """
 
 from __future__ import annotations
