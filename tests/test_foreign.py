@@ -57,7 +57,7 @@ def test_write_foreign_counts_names_sizes_and_notice(written):
 
 
 def test_write_foreign_is_deterministic_and_kinds_are_independent(written, tmp_path):
-    root, paths = written
+    _, paths = written
     again = write_foreign(tmp_path / "again", per_kind=PNG_EVERY, size=((60, 90), (70, 110)), seed=5, kinds=["limb", "natural"], workers=1)
     assert list(again) == ["natural", "limb"]  # in FOREIGN_KINDS order
     for kind in again:
