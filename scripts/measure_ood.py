@@ -340,7 +340,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="Every generated image at this size (default: 1024-1600 px a side, as the default bundle's training phantoms).")
     parser.add_argument("--work", type=Path, default=None, help="Keep the generated images in this new folder (default: a temporary folder, deleted).")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads per session (default: onnxruntime's).")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="Images per model run (default 8).")
     parser.add_argument("--sweep", type=int, default=0, metavar="N",
                         help="Also score N held-out phantoms under graded blur, gain, noise and gamma, to show where the flag starts (default 0: off).")
     parser.add_argument("--verbose", action="store_true", help="Log progress.")
