@@ -48,6 +48,7 @@ class _Part:
     sha256: str
     file: str
     origin: Optional[dict[str, Any]] = None
+    ood: Optional[dict[str, Any]] = None  # the member's out-of-distribution statistics entry, "path" resolved
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _read_voice(path: Path) -> _Voice:
             members = manifest.members_for(precision)
             total = sum(m.weight for m in members)
             for m in members:
-                voice.parts.append(_Part(m.path, m.name, precision, m.weight / total, m.card, m.sha256, m.file, m.origin))
+                voice.parts.append(_Part(m.path, m.name, precision, m.weight / total, m.card, m.sha256, m.file, m.origin, m.ood))
         return voice
     if path.suffix.lower() != ".onnx" or not path.is_file():
         raise BundleError(f"{path}: not a bundle folder or an .onnx file")
@@ -189,7 +190,8 @@ def compose_bundle(
                                 threshold_method="provisional", provenance=record, name=name or out.name, default_precision=default)
         if binary:
             threshold, method = _threshold(voices, work, threshold_method, validation, record, progress)
-        sources = [MemberSource(work / m.file, m.name, m.card.spec, m.precision, m.weight, m.card.activation, m.card.explain, m.origin)
+        sources = [MemberSource(work / m.file, m.name, m.card.spec, m.precision, m.weight, m.card.activation, m.card.explain, m.origin,
+                                ood_file=m.ood["path"] if m.ood else None, ood=m.ood)
                    for m in manifest.members]
         write_bundle(work, sources, labels=first.card_labels, task=first.task, threshold=threshold, threshold_method=method,
                      provenance=record, name=name or out.name, default_precision=default)
@@ -225,8 +227,10 @@ def _member_sources(voices: Sequence[_Voice], weights: Sequence[float], precisio
             }
             if part.origin:
                 origin["previous_origin"] = part.origin
+            ood = part.ood  # a bundle member's out-of-distribution statistics go with it
             sources.append(MemberSource(part.path, member, part.card.spec, part.precision, weight * part.weight,
-                                        part.card.activation, part.card.explain, origin))
+                                        part.card.activation, part.card.explain, origin,
+                                        ood_file=ood["path"] if ood else None, ood=ood))
     return sources
 
 

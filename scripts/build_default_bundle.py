@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.out)
     write_bundle(
         args.out,
-        [MemberSource(m.path, m.name, m.card.spec, m.precision, m.weight, m.card.activation) for m in manifest.members],
+        [MemberSource(m.path, m.name, m.card.spec, m.precision, m.weight, m.card.activation, m.card.explain,
+                      ood_file=m.ood["path"] if m.ood else None, ood=m.ood) for m in manifest.members],
         labels=manifest.labels, task=manifest.task, threshold=manifest.threshold, threshold_method=manifest.threshold_method,
         provenance=provenance, name=manifest.name, default_precision=default_precision,
     )

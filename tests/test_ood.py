@@ -154,3 +154,13 @@ def test_tampered_statistics_are_refused(ood_bundle: Path, tmp_path: Path) -> No
     (ood_bundle / "m.fp32.ood.npz").unlink()
     with pytest.raises(BundleError, match="missing"):
         pneumoedge.load(ood_bundle)
+
+
+def test_composed_bundles_keep_their_members_statistics(ood_bundle: Path, tmp_path: Path, reference_images: list[Path]) -> None:
+    out = tmp_path / "composed"
+    result = runner.invoke(app, ["bundle", "create", str(out), str(ood_bundle), str(ood_bundle.parent / "m.onnx"), "--weights", "3,1", "--threshold", "fixed:0.5"])
+    assert result.exit_code == 0, result.output
+    composed, original = pneumoedge.load(out, precision="fp32"), pneumoedge.load(ood_bundle, precision="fp32")
+    assert composed.can_flag_ood
+    # Only the bundle's member has statistics: the composed score is that member's ratio.
+    assert [r.ood_score for r in composed.predict_many(reference_images[:4])] == [r.ood_score for r in original.predict_many(reference_images[:4])]
