@@ -361,8 +361,10 @@ def test_kill_9_during_a_burst_then_restart_gives_exactly_one_row_and_sr_each(or
         code = process.wait(60)
     import socket
 
-    with socket.socket() as again:  # the port was released
+    with socket.socket() as again:  # the port was released: a new listener can bind it (as servers do, past TIME_WAIT)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind((HOST, port))
+        again.listen(1)
     text = log.read_text()
     first = (tmp_path / "listen-1.log").read_text()
     assert "Secret" not in first and "Carol" not in first
