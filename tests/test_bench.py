@@ -163,3 +163,20 @@ def test_onnx_macs_counts_conv_and_matmul_from_shapes(tmp_path: Path) -> None:
     macs = onnx_macs(path)
     assert macs["per_op_macs"] == {"Conv": 4 * 8 * 8 * 9, "MatMul": 2 * 256}
     assert macs["flops"] == 2 * macs["macs"] and macs["nodes_without_shapes"] == 0
+
+
+def test_explain_mode_figures_beside_the_plain_ones(image_folder: Path, tmp_path: Path) -> None:
+    from tests.conftest import SPEC_GRAY
+    from tests.explain_models import map_model
+
+    images = sorted(p for p in image_folder.rglob("*") if p.is_file())
+    settings = BenchSettings(runs=5, warmup=1, batch=2, throughput_images=8)
+    report = run_bench(map_model(tmp_path / "m.onnx", SPEC_GRAY), images, settings, command=["test"])
+    explain = report["ensemble"]["explain"]
+    _check_stats(explain["end_to_end_ms"], 5)
+    assert explain["throughput"]["images"] == explain["throughput"]["ok"] == 8
+    expected = explain["end_to_end_ms"]["p50"] / report["ensemble"]["end_to_end_ms"]["p50"]
+    assert explain["end_to_end_ratio"] == pytest.approx(expected, rel=1e-6)
+    assert explain["overlay_side"] == 768
+    plain = run_bench(map_model(tmp_path / "p.onnx", SPEC_GRAY, heatmaps=False), images, settings)
+    assert plain["ensemble"]["explain"] is None

@@ -108,14 +108,27 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     table.add_row("  models, all", "", "", *_stats_cells(e["model_only_ms"]))
     # create = loading the whole model (checksums, all sessions); first = the first predict after it.
     table.add_row("  end to end", _ms(e["load_ms"]), _ms(e["first_inference_ms"]), *_stats_cells(e["end_to_end_ms"]))
+    if e.get("explain"):
+        table.add_row("  explain + overlay", "", "", *_stats_cells(e["explain"]["end_to_end_ms"]))
     console.print(table)
     split, tp = e["split"], e["throughput"]
     console.print(
         f"time split (medians): decode {split['decode_fraction']:.0%}, preprocess {split['tensors_fraction']:.0%}, "
         f"model {split['model_fraction']:.0%}\n"
         f"folder throughput: {tp['images_per_s']:.1f} images/s ({tp['images']} images, batch {tp['batch']}, {tp['seconds']:.2f} s)\n"
-        f"peak resident memory: {report['memory']['peak_rss_mb'] or float('nan'):.0f} MiB",
+        + _explain_line(e.get("explain"))
+        + f"peak resident memory: {report['memory']['peak_rss_mb'] or float('nan'):.0f} MiB",
         highlight=False,
+    )
+
+
+def _explain_line(explain: Optional[dict[str, Any]]) -> str:
+    if not explain:
+        return "explain mode: the model carries no heatmaps\n"
+    tp = explain["throughput"]
+    return (
+        f"explain mode (heatmaps + {explain['overlay_side']} px overlay PNG): {explain['end_to_end_ratio']:.2f}x plain end to end; "
+        f"{tp['images_per_s']:.1f} images/s writing overlays ({explain['throughput_ratio']:.2f}x plain's time)\n"
     )
 
 

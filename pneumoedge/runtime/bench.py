@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from pneumoedge.explain.overlay import encode_png
 from pneumoedge.imageio import IMAGE_SUFFIXES
 from pneumoedge.preprocessing import to_tensor
 from pneumoedge.runtime.ensemble import Ensemble, ModelRef, load
@@ -43,7 +44,11 @@ BENCH_SCHEMA_DOC = """\
  "ensemble": {load_ms, first_inference_ms, provider, decode_reductions,
               decode_ms: STATS, tensors_ms: STATS, model_only_ms: STATS, end_to_end_ms: STATS,
               split: {decode_fraction, tensors_fraction, model_fraction},
-              throughput: {images, batch, seconds, images_per_s}},
+              throughput: {images, batch, seconds, images_per_s},
+              explain: null (model without heatmaps) | {end_to_end_ms: STATS (predict with explain=True, overlay
+                       rendered and PNG-encoded), throughput: {images, batch, seconds, images_per_s} (overlays
+                       written to a temporary folder, as `infer --heatmaps`), overlay_side,
+                       end_to_end_ratio (median explain / median plain), throughput_ratio (plain / explain)}},
  "memory": {peak_rss_mb}}
 STATS = {count, min, mean, std, p50, p90, p95, p99, max} in milliseconds."""
 
@@ -278,6 +283,32 @@ def _throughput(ensemble: Ensemble, images: Sequence[Path], settings: BenchSetti
     return {"images": count, "ok": done, "batch": settings.batch, "seconds": seconds, "images_per_s": count / seconds}
 
 
+def _explain_figures(ensemble: Ensemble, images: Sequence[Path], settings: BenchSettings, plain_e2e: Sequence[float], plain_tp: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Explain mode beside the plain figures: heatmaps, overlay and PNG included."""
+    from pneumoedge.runtime.folder import _overlay_writer
+
+    if not ensemble.can_explain:
+        return None
+    side = 768  # infer --heatmaps' default
+    n = len(images)
+    e2e = time_calls(lambda i: encode_png(ensemble.predict(images[i % n], explain=True).overlay(side)), settings.runs, settings.warmup)
+    count = max(settings.throughput_images, n)
+    stream = list(itertools.islice(itertools.cycle(images), count))
+    with tempfile.TemporaryDirectory(prefix="pneumoedge-bench-overlays-") as tmp:
+        writer = _overlay_writer([Path(tmp)], Path(tmp) / "overlays", side)
+        start = time.perf_counter()
+        done = sum(1 for p in ensemble.predict_many(stream, batch_size=settings.batch, explain=True, postprocess=writer) if p.status == "ok")
+        seconds = time.perf_counter() - start
+    throughput = {"images": count, "ok": done, "batch": settings.batch, "seconds": seconds, "images_per_s": count / seconds}
+    return {
+        "end_to_end_ms": summarize(e2e),
+        "throughput": throughput,
+        "overlay_side": side,
+        "end_to_end_ratio": float(np.median(e2e) / np.median(plain_e2e)),
+        "throughput_ratio": float(plain_tp["images_per_s"] / throughput["images_per_s"]),
+    }
+
+
 def run_bench(
     model: Union[ModelRef, Sequence[ModelRef], None],
     images: Sequence[Path],
@@ -308,6 +339,7 @@ def run_bench(
     model_t = time_calls(lambda i: ensemble.run_tensors(singles[i % n]), settings.runs, settings.warmup)
     e2e_t = time_calls(lambda i: ensemble.predict(images[i % n]), settings.runs, settings.warmup)
     parts = {"decode": float(np.median(decode_t)), "tensors": float(np.median(tensors_t)), "model": float(np.median(model_t))}
+    throughput = _throughput(ensemble, images, settings)
     total = sum(parts.values()) or 1.0
     return {
         "schema": SCHEMA,
@@ -338,7 +370,8 @@ def run_bench(
             "model_only_ms": summarize(model_t),
             "end_to_end_ms": summarize(e2e_t),
             "split": {f"{k}_fraction": v / total for k, v in parts.items()},
-            "throughput": _throughput(ensemble, images, settings),
+            "throughput": throughput,
+            "explain": _explain_figures(ensemble, images, settings, e2e_t, throughput),
         },
         "memory": {"peak_rss_mb": peak_rss_mb()},
     }
