@@ -218,3 +218,21 @@ def test_gradient_images_give_finite_maps(map_onnx: Path, tmp_path: Path) -> Non
     arrays = [gradient_image(64, 48, seed) for seed in range(4)] + [np.zeros((40, 40), np.uint8)]
     for result in pneumoedge.load(map_onnx).predict_many(arrays, explain=True, batch_size=2):
         assert result.status == "ok" and np.isfinite(result.heatmap).all()
+
+
+def test_dicom_overlay_shows_the_image_through_the_classifiers_voi(map_onnx: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    from pneumoedge.imageio import read_pixels
+    from tests.input_files import dicom_bytes
+
+    stored = (blob_image(120, 100, (20, 50, 10, 40)).astype(np.uint16) * 16)  # 12-bit values
+    data = dicom_bytes(stored, photometric="MONOCHROME1", bits_stored=12, WindowCenter=2000, WindowWidth=2000)
+    path = tmp_path / "image.dcm"
+    path.write_bytes(data)
+    result = pneumoedge.load(map_onnx).predict(path, explain=True)
+    rendered = read_pixels(data)  # the classifier's view: window applied, MONOCHROME1 inverted
+    np.testing.assert_array_equal(result.explanation.display, np.clip(np.rint(rendered), 0, 255).astype(np.uint8))
+    assert result.heatmap.shape == (120, 100)
+    # MONOCHROME1 inverts: the stored bright blob is dark as shown, so the brightness map avoids it.
+    y, x = _peak(result.heatmap)
+    assert not (20 <= y < 50 and 10 <= x < 40)
