@@ -352,9 +352,10 @@ def test_cli_mistakes_are_one_line(tmp_path: Path, args: list[str], message: str
 
 
 def test_check_without_destination_says_results_stay_in_the_outbox(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["listen", "--out", str(tmp_path / "r"), "--host", "127.0.0.1", "--port", str(free_port()), "--check"])
+    result = runner.invoke(app, ["listen", "--out", str(tmp_path / "r"), "--host", "127.0.0.1", "--port", str(free_port()), "--check", "--heatmaps"])
     assert result.exit_code == 0, result.output
     assert "no --send-to" in result.output and "outbox" in result.output
+    assert ("SRs only" in result.output) == (not load().can_explain)  # said when the model gives no heatmaps
 
 
 def test_check_reports_a_busy_port(tmp_path: Path) -> None:

@@ -127,6 +127,8 @@ def listen(
         )
         if check:
             _run_check(config, echo, SendError)
+            if heatmaps and not getattr(ensemble, "can_explain", False):
+                stderr.print(f"note: --heatmaps: {getattr(ensemble, 'explain_note', '') or 'this model gives no heatmaps'}; SRs only", highlight=False, soft_wrap=True)
             return
         _setup_logging()
         node = Node(ensemble, config)
