@@ -134,11 +134,33 @@ def sanity(model, runs: Path, items) -> dict:
     return figures
 
 
+def graph_overhead(model, runs: Path, items) -> dict:
+    """Model-only latency of each member's graph with the heatmap outputs and exported without them."""
+    from pneumoedge.export.onnx_export import export_keras, load_tensors
+    from pneumoedge.export.quantization import time_models
+
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="pneumoedge-noheat-") as tmp:
+        for member in model.members:
+            run = runs / member.name
+            if not (run / "model.keras").is_file():
+                figures[member.name] = {"skipped": f"no Keras run at {run}"}
+                continue
+            sample = load_tensors([items[0][0]], member.card.spec)
+            plain = export_keras(run, Path(tmp) / f"{member.name}.onnx", spec=member.card.spec, labels=model.labels, heatmaps=False, parity_count=8)
+            entry = {}
+            for batch in (1, 8):
+                with_maps, without = time_models([member.source, plain.onnx_path], sample, batch=batch, rounds=9)
+                entry[f"batch_{batch}_ms"] = {"with_heatmap_outputs": round(with_maps, 3), "without": round(without, 3), "ratio": round(with_maps / without, 3)}
+            figures[member.name] = entry
+    return figures
+
+
 def cost(model, files: list[Path], work: Path) -> dict:
     from pneumoedge.runtime.folder import _overlay_writer
 
     def run(explain: bool) -> float:
-        writer = _overlay_writer([work], work / "overlays", 1024) if explain else None
+        writer = _overlay_writer([work], work / "overlays", 768) if explain else None
         start = time.perf_counter()
         for _ in model.predict_many(files, explain=explain, postprocess=writer):
             pass
@@ -154,7 +176,7 @@ def cost(model, files: list[Path], work: Path) -> dict:
         "plain_images_per_s": round(len(files) / plain, 1),
         "explain_images_per_s": round(len(files) / explained, 1),
         "ratio": round(explained / plain, 2),
-        "overlay_side": 1024,
+        "overlay_side": 768,
     }
 
 
@@ -190,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if not args.no_sanity:
             figures["sanity"] = sanity(model, args.runs, items)
+            figures["graph_overhead"] = graph_overhead(model, args.runs, items)
     figures["seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(figures, indent=2)
     print(text)
@@ -199,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         from pneumoedge.bundle import MANIFEST, write_json_atomic
 
         manifest = json.loads((args.model / MANIFEST).read_text())
-        manifest.setdefault("provenance", {})["heatmaps"] = {k: v for k, v in figures.items() if k in ("localisation", "sanity", "cost", "machine", "synthetic")}
+        manifest.setdefault("provenance", {})["heatmaps"] = {k: v for k, v in figures.items() if k in ("localisation", "sanity", "cost", "graph_overhead", "machine", "synthetic")}
         write_json_atomic(args.model / MANIFEST, manifest)
         print(f"recorded in {args.model / MANIFEST}")
     return 0
