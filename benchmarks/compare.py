@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import importlib.metadata as md
 import json
+import re
 import os
 import shlex
 import shutil
@@ -208,18 +209,25 @@ def _loadavg() -> Optional[list[float]]:
         return None
 
 
+def _write_results_md(path: Path, text: str) -> None:
+    """Write RESULTS.md, keeping the sections other benchmark scripts own (between <!-- NAME:start/end --> markers)."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    sections = [m.group(0) for m in re.finditer(r"<!-- (\w+):start -->.*?<!-- \1:end -->", old, flags=re.S)]
+    path.write_text("\n\n".join([text.rstrip("\n"), *sections]) + "\n", encoding="utf-8")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _args(argv)
     if args.render is not None:
         results = json.loads(args.render.read_text(encoding="utf-8"))
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "RESULTS.md").write_text(report.render(results), encoding="utf-8")
+        _write_results_md(args.out / "RESULTS.md", report.render(results))
         return 0
     results = run(args, " ".join(shlex.quote(a) for a in ["python", "benchmarks/compare.py", *argv]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (args.out / "RESULTS.md").write_text(report.render(results), encoding="utf-8")
+    _write_results_md(args.out / "RESULTS.md", report.render(results))
     print(f"wrote {args.out / 'RESULTS.md'} and results.json in {results['elapsed_s']:.0f} s", file=sys.stderr)
     return 0
 
