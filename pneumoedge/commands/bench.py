@@ -29,7 +29,7 @@ def bench(
     device: Device = "cpu",
     threads: Threads = None,
     batch: Annotated[int, typer.Option("--batch", help="Images per model run for batched figures and throughput.")] = 8,
-    precision: Precision = "default",
+    precision: Precision = "auto",
     runs: Annotated[int, typer.Option(help="Timed runs per figure, after warm-up.")] = 50,
     warmup: Annotated[int, typer.Option(help="Untimed runs before each timed series.")] = 5,
     json_out: Annotated[

@@ -217,7 +217,7 @@ class BenchSettings:
     device: str = "cpu"
     threads: Optional[int] = None
     batch: int = 8
-    precision: str = "default"
+    precision: str = "auto"
     runs: int = 50
     warmup: int = 5
     #: Folder throughput runs over at least this many images (the files are cycled).
