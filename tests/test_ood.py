@@ -164,3 +164,13 @@ def test_composed_bundles_keep_their_members_statistics(ood_bundle: Path, tmp_pa
     assert composed.can_flag_ood
     # Only the bundle's member has statistics: the composed score is that member's ratio.
     assert [r.ood_score for r in composed.predict_many(reference_images[:4])] == [r.ood_score for r in original.predict_many(reference_images[:4])]
+
+
+def test_bench_measures_what_the_score_adds(ood_bundle: Path, reference_images: list[Path], bundle_dir: Path) -> None:
+    from pneumoedge.runtime.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(runs=5, warmup=1, batch=2, throughput_images=4)
+    figures = run_bench(ood_bundle, reference_images[:3], settings)["ensemble"]["ood"]
+    assert figures["with_ood_ms"]["count"] == figures["without_ood_ms"]["count"] == 5
+    assert figures["cost_ms"] >= 0 and 0 <= figures["fraction_of_end_to_end"] < 1
+    assert run_bench(bundle_dir, reference_images[:3], settings)["ensemble"]["ood"] is None

@@ -117,6 +117,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         f"model {split['model_fraction']:.0%}\n"
         f"folder throughput: {tp['images_per_s']:.1f} images/s ({tp['images']} images, batch {tp['batch']}, {tp['seconds']:.2f} s)\n"
         + _explain_line(e.get("explain"))
+        + _ood_line(e.get("ood"))
         + f"peak resident memory: {report['memory']['peak_rss_mb'] or float('nan'):.0f} MiB",
         highlight=False,
     )
@@ -129,6 +130,15 @@ def _explain_line(explain: Optional[dict[str, Any]]) -> str:
     return (
         f"explain mode (heatmaps + {explain['overlay_side']} px overlay PNG): {explain['end_to_end_ratio']:.2f}x plain end to end; "
         f"{tp['images_per_s']:.1f} images/s writing overlays ({explain['throughput_ratio']:.2f}x plain's time)\n"
+    )
+
+
+def _ood_line(ood: Optional[dict[str, Any]]) -> str:
+    if not ood:
+        return "out-of-distribution score: the model carries no statistics\n"
+    return (
+        f"out-of-distribution score: {ood['cost_ms']:.2f} ms per image "
+        f"({ood['fraction_of_end_to_end']:.1%} of end to end)\n"
     )
 
 

@@ -48,7 +48,10 @@ BENCH_SCHEMA_DOC = """\
               explain: null (model without heatmaps) | {end_to_end_ms: STATS (predict with explain=True, overlay
                        rendered and PNG-encoded), throughput: {images, batch, seconds, images_per_s} (overlays
                        written to a temporary folder, as `infer --heatmaps`), overlay_side,
-                       end_to_end_ratio (median explain / median plain), throughput_ratio (plain / explain)}},
+                       end_to_end_ratio (median explain / median plain), throughput_ratio (plain / explain)},
+              ood: null (no statistics) | {with_ood_ms: STATS, without_ood_ms: STATS (all members, batch 1: the
+                   features output fetched and scored, or not), cost_ms (median difference),
+                   fraction_of_end_to_end}},
  "memory": {peak_rss_mb}}
 STATS = {count, min, mean, std, p50, p90, p95, p99, max} in milliseconds."""
 
@@ -283,6 +286,30 @@ def _throughput(ensemble: Ensemble, images: Sequence[Path], settings: BenchSetti
     return {"images": count, "ok": done, "batch": settings.batch, "seconds": seconds, "images_per_s": count / seconds}
 
 
+def _ood_figures(ensemble: Ensemble, singles: Sequence[Sequence[np.ndarray]], settings: BenchSettings, plain_e2e: Sequence[float]) -> Optional[dict[str, Any]]:
+    """What the out-of-distribution score adds to a prediction: its features fetched and scored."""
+    if not ensemble.can_flag_ood:
+        return None
+    stats = ensemble._ood
+    n = len(singles)
+
+    def with_ood(i: int) -> None:
+        for member, batch, member_stats in zip(ensemble.members, singles[i % n], stats):
+            _, _, features = member.run_outputs(batch, features=member_stats is not None)
+            if member_stats is not None:
+                member_stats.distances(features)
+
+    def without(i: int) -> None:
+        for member, batch in zip(ensemble.members, singles[i % n]):
+            member.run_outputs(batch)
+
+    on = time_calls(with_ood, settings.runs, settings.warmup)
+    off = time_calls(without, settings.runs, settings.warmup)
+    cost = max(0.0, float(np.median(on) - np.median(off)))
+    return {"with_ood_ms": summarize(on), "without_ood_ms": summarize(off), "cost_ms": cost * 1000.0,
+            "fraction_of_end_to_end": cost / float(np.median(plain_e2e))}
+
+
 def _explain_figures(ensemble: Ensemble, images: Sequence[Path], settings: BenchSettings, plain_e2e: Sequence[float], plain_tp: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Explain mode beside the plain figures: heatmaps, overlay and PNG included."""
     from pneumoedge.runtime.folder import _overlay_writer
@@ -372,6 +399,7 @@ def run_bench(
             "split": {f"{k}_fraction": v / total for k, v in parts.items()},
             "throughput": throughput,
             "explain": _explain_figures(ensemble, images, settings, e2e_t, throughput),
+            "ood": _ood_figures(ensemble, singles, settings, e2e_t),
         },
         "memory": {"peak_rss_mb": peak_rss_mb()},
     }
