@@ -76,7 +76,7 @@ def create_session(
     path must name the model's checksum, this CPU and this onnxruntime (the optimized graph
     holds kernels chosen for them). The first session writes it aside, and `commit_optimized`
     puts it in place once the caller has verified the model's checksum; later sessions load it
-    with no further optimisation: an Xception's session then costs ~0.05 s of CPU instead of
+    with no further optimisation: an Xception's session then costs ~0.08 s of CPU instead of
     0.25-0.45 s (docs/speed.md).
     """
     if device not in DEVICES:
