@@ -95,8 +95,8 @@ def ood_bundle(tmp_path: Path, reference_images: list[Path]) -> Path:
     model = map_model(tmp_path / "m.onnx", SPEC_GRAY)
     sources, summary = with_ood([MemberSource(model, "m", SPEC_GRAY, explain=EXPLAIN)], reference_images, tmp_path, described="60 test images")
     assert summary["available"] and summary["fp32"]["reference_images"] == 48
-    write_bundle(tmp_path / "bundle", sources, labels=("NORMAL", "PNEUMONIA"), threshold=0.5, name="ood-test")
-    return tmp_path / "bundle"
+    write_bundle(tmp_path / "ood_bundle", sources, labels=("NORMAL", "PNEUMONIA"), threshold=0.5, name="ood-test")
+    return tmp_path / "ood_bundle"
 
 
 def test_score_at_run_time_equals_the_score_at_export_bit_for_bit(ood_bundle: Path, reference_images: list[Path]) -> None:
