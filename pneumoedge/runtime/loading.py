@@ -16,7 +16,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, card_from_metadata, read_manifest
 from pneumoedge.runtime.members import LoadedMember, check_input_shape
 from pneumoedge.runtime.sessions import commit_optimized, create_session
-from pneumoedge.runtime.tuning import file_stat, optimized_graph_file, remember_verified, resolve, rule, verified_before
+from pneumoedge.runtime.machine import file_stat, optimized_graph_file, remember_verified, verified_before
+from pneumoedge.runtime.tuning import resolve, rule
 
 if TYPE_CHECKING:
     from pneumoedge.runtime.ensemble import Ensemble
