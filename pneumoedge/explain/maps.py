@@ -18,7 +18,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from pneumoedge.formats import inspect
+from pneumoedge.formats import inspect, jpeg_orientation
 from pneumoedge.imageio import max_image_pixels
 
 #: Longest side of the grid on which members' maps are averaged (the maps are coarse: 8-32 cells).
@@ -94,7 +94,7 @@ def original_size(data: bytes | None, decoded: np.ndarray, reduction: int) -> tu
     """The source image's (height, width) as a viewer shows it.
 
     A JPEG decoded at 1/reduction scale is smaller than the file: its header gives the size,
-    turned when EXIF rotation swapped the axes (the decoded image is already rotated).
+    turned when its EXIF orientation swaps the axes (the decoded image is already turned).
     """
     height, width = decoded.shape[:2]
     if data is None or reduction == 1:
@@ -102,7 +102,6 @@ def original_size(data: bytes | None, decoded: np.ndarray, reduction: int) -> tu
     header = inspect(data, max_pixels=max_image_pixels())
     if header.kind != "jpeg" or not header.width:
         return height, width
-    full_h, full_w = header.height, header.width
-    if (math.ceil(full_w / reduction), math.ceil(full_h / reduction)) == (height, width) and full_w != full_h:
-        return full_w, full_h  # EXIF rotated by 90 degrees
-    return full_h, full_w
+    if jpeg_orientation(data) in (5, 6, 7, 8):  # EXIF turns it by 90 degrees: the decode is already turned
+        return header.width, header.height
+    return header.height, header.width

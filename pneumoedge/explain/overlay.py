@@ -125,7 +125,12 @@ def _legend(band: np.ndarray, x: int, top: int, width: int, scale: float) -> Non
 
 def encode_png(rgb: np.ndarray) -> bytes:
     """PNG bytes of an RGB image (fast compression: overlays are written per image in a run)."""
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    # One fixed row filter ("up") instead of libpng's per-row search: 12.3 -> 7.1 ms for a
+    # 552 x 360 overlay at the same size (106 vs 107 KB), measured on the 2-core machine.
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.10
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise OSError("PNG encoding failed")
     return data.tobytes()
