@@ -219,7 +219,7 @@ def measure(args: argparse.Namespace, work: Path) -> int:
 
     started = time.perf_counter()
     try:
-        ensemble = pneumoedge.load(args.model, threads=args.threads)
+        ensemble = pneumoedge.load(args.model, precision=args.precision, threads=args.threads)
     except (BundleError, OSError, ValueError) as exc:
         return _fail(f"cannot load model {args.model or '(default bundle)'}: {exc}")
     if not getattr(ensemble, "can_flag_ood", False):
@@ -339,6 +339,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
                         help="Every generated image at this size (default: 1024-1600 px a side, as the default bundle's training phantoms).")
     parser.add_argument("--work", type=Path, default=None, help="Keep the generated images in this new folder (default: a temporary folder, deleted).")
+    parser.add_argument("--precision", choices=("auto", "default", "fp32", "int8"), default="auto",
+                        help="Which members of a bundle run (as pneumoedge infer's --precision; default auto). int8 members carry their own statistics.")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads per session (default: onnxruntime's).")
     parser.add_argument("--batch-size", type=int, default=8, help="Images per model run (default 8).")
     parser.add_argument("--sweep", type=int, default=0, metavar="N",
