@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -30,14 +30,20 @@ from pneumoedge.export.gradcam import (
     HEATMAP_OUTPUT,
     ExplainedModel,
     HeatmapReport,
-    HeatmapUnavailable,
-    compare_maps,
-    explain_model,
-    gradcam_reference,
     score_description,
 )
+from pneumoedge.export.heatmap_export import _explained, _rename_output, check_heatmaps, int8_heatmap_check, run_heatmaps
+from pneumoedge.export.keras_loading import KerasModel, _check_spec_matches, load_keras
 from pneumoedge.imageio import IMAGE_SUFFIXES, ImageError
 from pneumoedge.preprocessing import PreprocessSpec, preprocess
+
+# Public names; the heatmap and Keras-loading ones live in heatmap_export and keras_loading.
+__all__ = [
+    "DEFAULT_OPSET", "DEFAULT_PARITY_TOLERANCE", "ExportResult", "HEADS", "KerasModel", "ParityReport",
+    "apply_activation", "card_for", "check_heatmaps", "check_parity", "class_probabilities", "convert",
+    "export_keras", "image_files", "int8_heatmap_check", "load_keras", "load_tensors", "onnx_session",
+    "parse_floats", "parse_scale", "phantom_folder", "reference_tensors", "run_heatmaps", "run_onnx",
+]
 
 log = logging.getLogger(__name__)
 
@@ -207,86 +213,6 @@ def reference_tensors(
 
 
 # ---------------------------------------------------------------------------------------------
-# loading Keras models, ours or foreign
-
-
-@dataclass
-class KerasModel:
-    """A loaded Keras model or SavedModel reduced to what export needs: one image in, one out."""
-
-    call: Callable[[Any], Any]  # tf tensor (N,H,W,C) -> tf tensor (N,K)
-    input_shape: tuple[Optional[int], ...]  # (H, W, C), entries may be None
-    description: str
-    keras_model: Any = None
-
-    def predict(self, tensors: np.ndarray, batch_size: int = 16) -> np.ndarray:
-        import tensorflow as tf
-
-        outputs = []
-        for start in range(0, len(tensors), batch_size):
-            outputs.append(np.asarray(self.call(tf.constant(tensors[start : start + batch_size]))))
-        return np.concatenate(outputs, axis=0).reshape(len(tensors), -1)
-
-
-def load_keras(source: Union[str, Path, Any]) -> KerasModel:
-    """Load a `.keras`/`.h5` file, a SavedModel folder, or wrap an in-memory Keras model."""
-    import tensorflow as tf
-
-    if not isinstance(source, (str, Path)):
-        return _wrap_keras(source, f"in-memory Keras model {getattr(source, 'name', '')}")
-    path = Path(source)
-    if not path.exists():
-        raise ExportError(f"{path}: no such model file or folder")
-    if path.is_dir() and (path / "model.keras").is_file():
-        path = path / "model.keras"  # a pneumoedge run folder
-    if path.is_file():
-        import keras
-
-        if path.suffix not in (".keras", ".h5", ".hdf5"):
-            raise ExportError(f"{path}: expected a .keras or .h5 file, or a SavedModel folder")
-        try:
-            model = keras.saving.load_model(path, compile=False)
-        except Exception as exc:  # Keras raises many types for unreadable files
-            raise ExportError(f"{path}: Keras cannot load this model: {exc}") from None
-        return _wrap_keras(model, str(path))
-    if (path / "saved_model.pb").is_file():
-        try:
-            loaded = tf.saved_model.load(str(path))
-        except Exception as exc:
-            raise ExportError(f"{path}: TensorFlow cannot load this SavedModel: {exc}") from None
-        signature = loaded.signatures.get("serving_default")
-        if signature is None:
-            raise ExportError(f"{path}: the SavedModel has no 'serving_default' signature")
-        specs = signature.structured_input_signature[1]
-        if len(specs) != 1:
-            raise ExportError(f"{path}: the SavedModel has {len(specs)} inputs; pneumoedge exports one-image models")
-        (input_name, input_spec), = specs.items()
-
-        def call(x: Any) -> Any:
-            outputs = signature(**{input_name: x})
-            if len(outputs) != 1:
-                raise ExportError(f"{path}: the SavedModel has {len(outputs)} outputs; expected one")
-            return next(iter(outputs.values()))
-
-        call.__keep = loaded  # keep the trackable alive with the closure
-        return KerasModel(call, tuple(input_spec.shape[1:]), f"SavedModel {path}")
-    raise ExportError(f"{path}: a folder, but neither a SavedModel (saved_model.pb) nor a pneumoedge run (model.keras)")
-
-
-def _wrap_keras(model: Any, description: str) -> KerasModel:
-    inputs = getattr(model, "inputs", None) or []
-    outputs = getattr(model, "outputs", None) or []
-    if len(inputs) != 1:
-        raise ExportError(f"{description}: has {len(inputs)} inputs; pneumoedge exports one-image models")
-    if len(outputs) != 1:
-        raise ExportError(f"{description}: has {len(outputs)} outputs; pneumoedge exports one-output models")
-    shape = tuple(inputs[0].shape[1:])
-    if len(shape) != 3:
-        raise ExportError(f"{description}: input shape {shape} is not an image (H, W, C)")
-    return KerasModel(lambda x: model(x, training=False), shape, description, keras_model=model)
-
-
-# ---------------------------------------------------------------------------------------------
 # heads and cards
 
 
@@ -309,19 +235,6 @@ def card_for(
         raise ExportError(f"the model has {outputs} output units: declare --head softmax (probabilities) or logits")
     activation = "none" if head in ("sigmoid", "softmax") else ("sigmoid" if outputs == 1 else "softmax")
     return ModelCard(spec=spec, labels=labels, task=task, activation=activation)
-
-
-def _check_spec_matches(model: KerasModel, spec: PreprocessSpec) -> None:
-    if spec.layout != "NHWC":
-        raise ExportError("Keras models take NHWC input; declare layout NHWC")
-    want = spec.input_shape
-    for have, need, what in zip(model.input_shape, want, ("height", "width", "channels")):
-        if have is not None and int(have) != need:
-            raise ExportError(
-                f"{model.description}: model input is {tuple(model.input_shape)} but the spec gives {want}; "
-                f"the declared {what} ({need}) must match the model ({have})"
-                + (" — use --color rgb for 3 channels, gray for 1" if what == "channels" else "")
-            )
 
 
 def _check_probabilities(probs: np.ndarray, head: str) -> None:
@@ -379,57 +292,6 @@ def convert(
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
     return out
-
-
-def _rename_output(proto: Any, old: str, new: str) -> None:
-    for node in proto.graph.node:
-        node.output[:] = [new if name == old else name for name in node.output]
-        node.input[:] = [new if name == old else name for name in node.input]
-    for output in proto.graph.output:
-        if output.name == old:
-            output.name = new
-
-
-def run_heatmaps(session: Any, tensors: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """The `pneumoedge_heatmap` output of a session over (N, ...) tensors: (N, h, w)."""
-    name = session.get_inputs()[0].name
-    maps = []
-    for start in range(0, len(tensors), batch_size):
-        batch = np.ascontiguousarray(tensors[start : start + batch_size], dtype=np.float32)
-        maps.append(session.run([HEATMAP_OUTPUT], {name: batch})[0])
-    return np.concatenate(maps)
-
-
-def check_heatmaps(
-    explained: ExplainedModel,
-    onnx_path: Union[str, Path],
-    tensors: np.ndarray,
-    labels: int,
-    *,
-    threshold: float = DEFAULT_MIN_CORRELATION,
-) -> HeatmapReport:
-    """Per-image Pearson correlation of the ONNX heatmaps with TensorFlow's GradientTape Grad-CAM."""
-    reference = gradcam_reference(explained, tensors, labels)
-    maps = run_heatmaps(onnx_session(onnx_path), tensors)
-    return compare_maps(maps, reference, explained.layer, threshold)
-
-
-def int8_heatmap_check(
-    fp32_path: Union[str, Path], int8_path: Union[str, Path], tensors: np.ndarray, *, threshold: float = DEFAULT_MIN_CORRELATION
-) -> dict[str, Any]:
-    """An int8 member's heatmaps against its fp32 graph's: the card entry's "int8_check".
-
-    When they do not correlate well enough, the runtime asks the fp32 graph for the map.
-    """
-    layer = "int8 vs fp32"
-    report = compare_maps(run_heatmaps(onnx_session(int8_path), tensors), run_heatmaps(onnx_session(fp32_path), tensors), layer, threshold)
-    return {
-        "min_correlation": round(report.min_correlation, 6),
-        "mean_correlation": round(report.mean_correlation, 6),
-        "images": report.images,
-        "threshold": threshold,
-        "heatmap_from": "int8" if report.ok else "fp32",
-    }
 
 
 def check_parity(
@@ -529,24 +391,6 @@ def export_keras(
 
     nodes = len(onnx.load(str(out)).graph.node)
     return ExportResult(out, card, parity, out.stat().st_size, time.perf_counter() - started, nodes, report, note)
-
-
-def _explained(model: KerasModel, labels: Sequence[str], layer: Optional[str]) -> tuple[Optional[ExplainedModel], str]:
-    """The model split for heatmaps, or None and the reason (a named layer that fails is an error)."""
-    if model.keras_model is None:
-        note = "heatmaps not available: a SavedModel has no Keras layers to find the feature layer in"
-        if layer:
-            raise ExportError(f"--heatmap-layer {layer}: {note}")
-        log.warning("%s", note)
-        return None, note
-    try:
-        return explain_model(model.keras_model, len(labels), layer), ""
-    except HeatmapUnavailable as exc:
-        if layer:
-            raise ExportError(f"--heatmap-layer {layer}: {exc}") from None
-        note = f"heatmaps not available: {exc}"
-        log.warning("%s: %s", model.description, note)
-        return None, note
 
 
 def parse_scale(text: Union[str, float]) -> float:
