@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence, Union
 
 from pneumoedge.bundle import MemberSource, write_bundle
 from pneumoedge.export.errors import ExportError
+from pneumoedge.export.int8_search import quantize_int8
 from pneumoedge.export.onnx_export import (
     DEFAULT_PARITY_TOLERANCE,
     ExportResult,
@@ -18,7 +19,7 @@ from pneumoedge.export.onnx_export import (
     load_tensors,
 )
 from pneumoedge.export.ood_fit import reference_files, with_ood
-from pneumoedge.export.quantization import DEFAULT_RECIPE, Tolerance, quantize_int8
+from pneumoedge.export.quantization import DEFAULT_RECIPE, Tolerance
 from pneumoedge.export.report import BundleResult, MemberReport, Progress, _quiet
 from pneumoedge.preprocessing import PreprocessSpec
 

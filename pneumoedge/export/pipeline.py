@@ -20,6 +20,7 @@ from pneumoedge.export.demo import DEMO_ARCHS, DemoPlan, DemoResult, run_demo
 from pneumoedge.export.errors import ExportError, QuantizationError
 from pneumoedge.export.evaluation import DEFAULT_THRESHOLD_METHOD, choose_threshold, classification_metrics
 from pneumoedge.export.foreign import export_foreign
+from pneumoedge.export.int8_search import quantize_int8
 from pneumoedge.export.onnx_export import (
     DEFAULT_PARITY_TOLERANCE,
     apply_activation,
@@ -33,7 +34,7 @@ from pneumoedge.export.onnx_export import (
 )
 from pneumoedge.export.ood_fit import pick as pick_references
 from pneumoedge.export.ood_fit import with_ood
-from pneumoedge.export.quantization import DEFAULT_RECIPE, Tolerance, quantize_int8
+from pneumoedge.export.quantization import DEFAULT_RECIPE, Tolerance
 from pneumoedge.export.report import (
     SYNTHETIC_NOTICE,
     BundleResult,
