@@ -50,6 +50,10 @@ def export_command(
 ) -> None:
     """Export Keras models to ONNX (opset 17, dynamic batch, spec in metadata), prove parity, bundle them.
 
+    Each graph also gets Grad-CAM heatmap outputs, checked against TensorFlow's GradientTape
+    (refused below Pearson r 0.99), and each bundle member out-of-distribution statistics from
+    its training images (--reference for a foreign model).
+
     Run folders carry their own spec. A model pneumoedge did not train needs its preprocessing
     declared (--size, --color, --resize, --scale, --offset/--mean/--std, --labels, --head) so
     that the runtime reproduces what its training pipeline did.
