@@ -104,7 +104,7 @@ class Sample:
         return self.subtype
 
 
-def _label_dirs(split_dir: Path) -> dict[str, Path]:
+def label_dirs(split_dir: Path) -> dict[str, Path]:
     """Label folders of one split, matched case-insensitively (NORMAL, normal)."""
     found: dict[str, Path] = {}
     for child in sorted(split_dir.iterdir()):
@@ -155,7 +155,7 @@ def scan(root: Union[str, Path], split: Optional[str] = None) -> list[Sample]:
     skipped: list[Path] = []
     for split_name, split_dir in _split_dirs(root, split):
         found: list[Sample] = []
-        for label, label_dir in _label_dirs(split_dir).items():
+        for label, label_dir in label_dirs(split_dir).items():
             for path in sorted(label_dir.iterdir()):
                 if not path.is_file() or path.suffix.lower() not in SUFFIXES:
                     skipped.append(path)

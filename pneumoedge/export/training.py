@@ -30,13 +30,8 @@ import numpy as np
 from pneumoedge.bundle import write_json_atomic
 from pneumoedge.export.architectures import get_architecture
 from pneumoedge.export.errors import TrainingError
-from pneumoedge.export.evaluation import (
-    DEFAULT_THRESHOLD_METHOD,
-    choose_threshold,
-    classification_metrics,
-    plot_history,
-    write_report,
-)
+from pneumoedge.export.metric_plots import plot_history, write_report
+from pneumoedge.export.metrics import DEFAULT_THRESHOLD_METHOD, choose_threshold, classification_metrics
 from pneumoedge.imageio import ImageError
 from pneumoedge.preprocessing import PreprocessSpec, SpecError, preprocess
 
