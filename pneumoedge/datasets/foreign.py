@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 import cv2
 import numpy as np
 
-from pneumoedge.datasets.body_parts import render_limb, render_skull
+from pneumoedge.datasets.body_parts import _band_noise, _blur, _pt, _to_uint8, _work_shape, render_limb, render_skull
 from pneumoedge.datasets.phantoms import KINDS as PHANTOM_KINDS
 from pneumoedge.datasets.phantoms import PROVENANCE_FILE, render_phantom
 
@@ -37,32 +37,7 @@ natural-looking scenes, documents, flat grey, noise, X-ray-like limbs and skulls
 phantoms with an unusual acquisition. No image comes from a person or a real radiograph.
 """
 
-_WORK_SIDE = 384
 Size = Union[int, tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]
-
-
-def _work_shape(height: int, width: int) -> tuple[int, int]:
-    scale = _WORK_SIDE / max(height, width)
-    return max(32, round(height * scale)), max(32, round(width * scale))
-
-
-def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
-    return cv2.GaussianBlur(img, (0, 0), max(sigma_px, 0.3))
-
-
-def _pt(x: float, y: float, h: int, w: int) -> tuple[int, int]:
-    return int(round(x * w)), int(round(y * h))
-
-
-def _band_noise(rng: np.random.Generator, h: int, w: int, fine: float, coarse: float) -> np.ndarray:
-    """Band-passed noise scaled to -1..1: a texture between `fine` and `coarse` pixels."""
-    noise = rng.standard_normal((h, w)).astype(np.float32)
-    band = _blur(noise, fine) - _blur(noise, coarse)
-    return band / (float(np.abs(band).max()) + 1e-6)
-
-
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
 # --- Things that are not X-rays ----------------------------------------------------------
