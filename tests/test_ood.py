@@ -174,3 +174,16 @@ def test_bench_measures_what_the_score_adds(ood_bundle: Path, reference_images: 
     assert figures["with_ood_ms"]["count"] == figures["without_ood_ms"]["count"] == 5
     assert figures["cost_ms"] >= 0 and 0 <= figures["fraction_of_end_to_end"] < 1
     assert run_bench(bundle_dir, reference_images[:3], settings)["ensemble"]["ood"] is None
+
+
+def test_a_wrapped_onnx_model_gets_statistics_from_its_reference_folder(tmp_path: Path, reference_images: list[Path]) -> None:
+    from tests.foreign_models import cnn
+
+    source = cnn(tmp_path / "their.onnx", size=(48, 48), channels=1, classes=2, head="logits")
+    out = tmp_path / "wrapped"
+    result = runner.invoke(app, ["export", str(source), "--out", str(out), "--size", "48", "48", "--color", "gray", "--layout", "NCHW",
+                                 "--head", "logits", "--reference", str(reference_images[0].parent)])
+    assert result.exit_code == 0, result.output
+    model = pneumoedge.load(out)
+    assert model.can_flag_ood and "48 images" in model.ood_note
+    assert all(r.ood_score is not None for r in model.predict_many(reference_images[:3]))

@@ -43,7 +43,7 @@ def export_command(
     layout: Annotated[str, typer.Option(help="Foreign .onnx model: input layout, NCHW (PyTorch) or NHWC (Keras/TensorFlow).", case_sensitive=False)] = "NHWC",
     heatmap: Annotated[bool, typer.Option(help="Add Grad-CAM heatmap outputs to each graph (checked against TensorFlow's GradientTape Grad-CAM; for a foreign .onnx, when the head is global-average-pool + linear). Without them, explain/--heatmaps say 'not available'.")] = True,
     heatmap_layer: Annotated[Optional[str], typer.Option(help="Keras models: the feature layer to explain, by name (also inside a nested backbone). Default: the last layer with a 4-D output.", show_default=False)] = None,
-    reference: Annotated[Optional[Path], typer.Option(help="Foreign Keras model: folder of images like its training data, for the out-of-distribution statistics (default: --calibration). Run folders use their own training images.", show_default=False)] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Foreign model (Keras or ONNX): folder of images like its training data, for the out-of-distribution statistics (default: --calibration). Run folders use their own training images.", show_default=False)] = None,
     labels: Annotated[str, typer.Option(help="Foreign model: label names in output order, comma-separated.")] = "NORMAL,PNEUMONIA",
     head: Annotated[str, typer.Option(help="Foreign model: sigmoid (1 unit, p of the 2nd label), softmax (N units), or logits (raw; sigmoid/softmax applied by the runtime).")] = "sigmoid",
     threshold: Annotated[float, typer.Option(help="Foreign binary model: decision threshold to record.")] = 0.5,
@@ -77,7 +77,7 @@ def export_command(
                        mean=mean, std=std, high_bit_depth=high_bit_depth, dicom_voi=dicom_voi, layout=layout, labels=labels,
                        head=head, images=images, threshold=threshold, heatmap=heatmap, int8=int8, calibration=calibration,
                        int8_options=dict(tolerance=tol8, recipe=recipe, calibrate_method=calibration_method, search=not no_search, on_fail=on_fail),
-                       name=name)
+                       name=name, reference=reference)
             return
         if runs:
             weight_list = [float(w) for w in parse_floats(weights, "--weights")] if weights else None
@@ -131,7 +131,8 @@ def export_command(
 
 
 def _wrap_onnx(source: Path, out: Path, console: Console, progress, *, size, color, resize, scale, offset, mean, std,
-               high_bit_depth, dicom_voi, layout, labels, head, images, threshold, heatmap, int8, calibration, int8_options, name) -> None:
+               high_bit_depth, dicom_voi, layout, labels, head, images, threshold, heatmap, int8, calibration, int8_options, name,
+               reference=None) -> None:
     """A foreign .onnx: check it against the declared spec and wrap it unchanged (pneumoedge.export.onnx_wrap)."""
     from pneumoedge.export.onnx_export import parse_floats, parse_scale
     from pneumoedge.export.onnx_wrap import export_onnx
@@ -147,7 +148,7 @@ def _wrap_onnx(source: Path, out: Path, console: Console, progress, *, size, col
     label_list = [x.strip() for x in labels.split(",") if x.strip()]
     result, manifest, quantized = export_onnx(
         source, out, spec=spec, labels=label_list, head=head, images=images, threshold=threshold, heatmap=heatmap,
-        int8=int8, calibration=calibration, int8_options=int8_options, name=name, progress=progress,
+        int8=int8, calibration=calibration, int8_options=int8_options, name=name, progress=progress, reference=reference,
     )
     eq = result.equality
     console.print(f"wrapped [bold]{source}[/] (opset {result.opset}, batch {'fixed 1' if result.fixed_batch else 'dynamic'}): "

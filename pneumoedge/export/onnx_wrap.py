@@ -334,6 +334,7 @@ def export_onnx(
     calibration: Optional[Union[str, Path]] = None,
     int8_options: Optional[dict[str, Any]] = None,
     name: Optional[str] = None,
+    reference: Optional[Union[str, Path]] = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[WrapResult, Optional[Manifest], Optional[Any]]:
     """Wrap `model` into `out`: one `.onnx` file, or a bundle folder (with int8 when asked).
@@ -373,7 +374,16 @@ def export_onnx(
             card_json = json.loads(_read_props(result.onnx_path)[ONNX_METADATA_KEY])
             _set_card(target, card_json)
             sources.append(MemberSource(target, member, spec, "int8", 1.0, result.card.activation, explain=result.explain, origin=origin))
+        ood_summary: dict[str, Any] = {"available": False, "reason": "no --reference (or --calibration) folder given"}
+        folder = reference if reference is not None else calibration
+        if folder is not None:
+            from pneumoedge.export.ood_fit import reference_files, with_ood
+
+            files = reference_files(folder)
+            progress(f"fitting out-of-distribution statistics on {len(files)} images from {folder}")
+            sources, ood_summary = with_ood(sources, files, Path(tmp), described=f"{len(files)} images from {folder}")
         record = {
+            "out_of_distribution": ood_summary,
             "created_by": "pneumoedge export (foreign ONNX model wrapped, spec declared by the user)",
             "source_model": str(model), "source_sha256": result.source_sha256, "synthetic": False,
             "notice": "a model pneumoedge did not train; its validation is the user's responsibility",
