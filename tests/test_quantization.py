@@ -96,3 +96,20 @@ def test_qoperator_recipe_and_fair_timing(export_base: Path, tmp_path: Path) -> 
     assert "QLinearConv" in {n.op_type for n in onnx.load(str(out)).graph.node}
     times = time_models([fp32, out], calib, rounds=2, per_round=2)
     assert len(times) == 2 and all(t > 0 and np.isfinite(t) for t in times)
+
+
+def test_search_grows_the_fp32_set_in_sensitivity_order_then_bisects(export_base: Path) -> None:
+    pytest.importorskip("tensorflow")
+    from pneumoedge.export.quantization import Tolerance, quantize_int8
+
+    fp32 = tiny_onnx(export_base).onnx_path
+    strict = Tolerance(max_prob_diff=2e-5, min_agreement=1.0)  # no plain recipe holds this on the tiny model
+    result = quantize_int8(fp32, export_base / "grown.onnx", _calibration(export_base), tolerance=strict, budget_s=300, on_fail="warn")
+    counts = [point["fp32_nodes"] for point in result.curve]
+    assert counts == sorted(set(counts)) and counts[0] == 1, counts
+    passing = [point["fp32_nodes"] for point in result.curve if point["meets"]]
+    if passing:  # the fewest nodes that meet it: every smaller count tried failed
+        assert all(not point["meets"] for point in result.curve if point["fp32_nodes"] < min(passing))
+        assert result.ok and result.chosen.meets
+    assert all(point["latency_ms"] > 0 for point in result.curve)
+    assert result.to_dict()["curve"] == result.curve

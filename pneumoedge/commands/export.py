@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -28,6 +27,7 @@ def export_command(
     recipe: Annotated[str, typer.Option(help="First int8 recipe (see pneumoedge.export.quantization.RECIPES): u8s8 (QDQ per-channel), u8s8_reduce_range, u8s8_per_tensor, u8u8, s8s8, qop_u8s8_reduce_range, qop_u8s8_per_tensor, qop_u8u8_reduce_range, u8s8_entropy, u8s8_percentile, u8u8_percentile.")] = "u8s8",
     calibration_method: Annotated[Optional[str], typer.Option(help="Override the recipe's calibration: minmax, entropy or percentile.", show_default=False)] = None,
     no_search: Annotated[bool, typer.Option("--no-search", help="Do not try other int8 recipes when the first misses the tolerance.")] = False,
+    int8_budget: Annotated[float, typer.Option(min=0, help="Seconds the int8 search may spend keeping the most sensitive nodes in fp32 (it grows that set, then bisects to the fewest that meet the tolerance; it stops with the closest so far).")] = 180.0,
     strict_int8: Annotated[bool, typer.Option("--strict-int8", help="Fail when no int8 recipe meets the tolerance (default: keep fp32 as the default precision and warn).")] = False,
     threshold_method: Annotated[Optional[str], typer.Option(help="Ensemble threshold on validation: sensitivity:0.95, youden or fixed:X.", show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option(help="Bundle name (default: the folder name).", show_default=False)] = None,
@@ -76,7 +76,7 @@ def export_command(
             _wrap_onnx(models[0], out, console, progress, size=size, color=color, resize=resize, scale=scale, offset=offset,
                        mean=mean, std=std, high_bit_depth=high_bit_depth, dicom_voi=dicom_voi, layout=layout, labels=labels,
                        head=head, images=images, threshold=threshold, heatmap=heatmap, int8=int8, calibration=calibration,
-                       int8_options=dict(tolerance=tol8, recipe=recipe, calibrate_method=calibration_method, search=not no_search, on_fail=on_fail),
+                       int8_options=dict(tolerance=tol8, recipe=recipe, calibrate_method=calibration_method, search=not no_search, on_fail=on_fail, budget_s=int8_budget),
                        name=name, reference=reference)
             return
         if runs:
@@ -84,7 +84,7 @@ def export_command(
             result = export_runs(
                 runs, out, weights=weight_list, int8=int8, calibration=calibration, images=images,
                 parity_tolerance=tolerance, int8_tolerance=tol8, recipe=recipe, calibrate_method=calibration_method,
-                search=not no_search, on_fail=on_fail, threshold_method=threshold_method, name=name, progress=progress,
+                search=not no_search, int8_budget=int8_budget, on_fail=on_fail, threshold_method=threshold_method, name=name, progress=progress,
                 heatmaps=heatmap, heatmap_layer=heatmap_layer,
             )
         else:
@@ -101,7 +101,7 @@ def export_command(
                 models[0], out, spec=spec, labels=label_list, head=head, images=images, parity_tolerance=tolerance,
                 int8=int8, calibration=calibration, int8_tolerance=tol8, recipe=recipe, calibrate_method=calibration_method,
                 on_fail=on_fail, threshold=threshold, name=name, progress=progress,
-                heatmaps=heatmap, heatmap_layer=heatmap_layer, reference=reference,
+                heatmaps=heatmap, heatmap_layer=heatmap_layer, reference=reference, int8_budget=int8_budget,
             )
         if isinstance(result, ExportResult):
             console.print(f"wrote [bold]{result.onnx_path}[/] ({result.size_bytes / 1024:.0f} KB, {result.nodes} nodes); "

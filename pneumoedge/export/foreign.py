@@ -44,6 +44,7 @@ def export_foreign(
     heatmaps: bool = True,
     heatmap_layer: Optional[str] = None,
     reference: Optional[Union[str, Path]] = None,
+    int8_budget: float = 180.0,
     progress: Progress = _quiet,
 ) -> BundleResult | ExportResult:
     """Export a Keras model pneumoedge did not train, with its spec declared.
@@ -88,7 +89,7 @@ def export_foreign(
                 raise ExportError("--int8 needs --calibration DIR (real images, preprocessed with the declared spec)")
             progress("quantizing to int8")
             calib = load_tensors(image_files(source, limit=64), spec)
-            q = quantize_int8(result.onnx_path, Path(tmp) / "model.int8.onnx", calib, threshold=threshold, tolerance=int8_tolerance, recipe=recipe, calibrate_method=calibrate_method, on_fail=on_fail)
+            q = quantize_int8(result.onnx_path, Path(tmp) / "model.int8.onnx", calib, threshold=threshold, tolerance=int8_tolerance, recipe=recipe, calibrate_method=calibrate_method, on_fail=on_fail, budget_s=int8_budget)
             member.int8 = q
             explain = result.card.explain
             if explain:

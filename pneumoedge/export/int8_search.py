@@ -11,9 +11,13 @@ larger CNN can disagree with fp32 on many labels. Nor is it free speed: for CNNs
 the int8 kernels' quantize/requantize overhead can outweigh the cheaper arithmetic. Beside the
 first recipe the search always tries `SPEED_RECIPES`; when none meets the tolerance it tries
 the other type pairs, reduce_range, other calibration methods, and
-finally keeps the most quantization-sensitive nodes in fp32 (found with onnxruntime's
-`qdq_loss_debug`, applied to the closest recipe and to the speed recipes), and keeps the
-FASTEST candidate that meets the tolerance. Every candidate tried is reported.
+finally keeps the most quantization-sensitive nodes in fp32: every quantized node is ranked by
+the quantization error of its tensors (onnxruntime's `qdq_loss_debug`, on the closest QDQ
+recipe), then the fp32 set grows in that order (1, 2, 4, ... nodes) until the tolerance holds,
+and a bisection finds the fewest nodes that still meet it, within a time budget; the same
+nodes are then tried on the speed recipes, and the FASTEST candidate that meets the tolerance
+is kept. Every candidate tried is reported, and the search's trade-off curve (nodes in fp32
+vs largest probability difference, agreement and latency) is in `QuantizationResult.curve`.
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ def quantize_int8(
     recipe: Union[str, Recipe] = DEFAULT_RECIPE,
     calibrate_method: Optional[str] = None,
     search: bool = True,
-    exclude_limits: Sequence[int] = (1, 2, 4),
+    budget_s: float = 180.0,
     on_fail: str = "refuse",
 ) -> QuantizationResult:
     """Quantize an exported fp32 ONNX model to int8 and check it against fp32.
@@ -170,6 +174,7 @@ def quantize_int8(
             its calibration method.
         search: when the first recipe misses the tolerance, try the others (and fp32-kept
             sensitive nodes) and keep the fastest that meets it.
+        budget_s: seconds the fp32-kept-nodes search may take (it stops with the closest so far).
         on_fail: "refuse" (raise QuantizationError) or "warn" (keep the closest candidate,
             with a warning in the result) when nothing meets the tolerance.
     """
@@ -197,6 +202,7 @@ def quantize_int8(
     fp32_metrics = classification_metrics(y_true, p_fp32, labels, threshold) if y_true is not None else None
 
     tried: list[Candidate] = []
+    curve: list[tuple[int, Candidate]] = []
     with tempfile.TemporaryDirectory(prefix="pneumoedge-int8-") as tmp:
         work = Path(tmp)
         pre = preprocess_for_quantization(fp32, work / "pre.onnx")
@@ -245,21 +251,7 @@ def quantize_int8(
                 qdq = (c for c in tried if c.error is None and c.recipe.quant_format == "qdq")
                 base = min(qdq, key=lambda c: c.max_prob_diff, default=None)
                 if base is not None:
-                    for limit in exclude_limits:
-                        try:
-                            nodes = sensitive_nodes(pre, base.path, eval_tensors, limit)
-                        except Exception as exc:  # the debugging tools are best effort
-                            log.warning("qdq_loss_debug failed: %s", exc)
-                            break
-                        if not nodes:
-                            break
-                        # The same nodes kept in fp32 on the faster recipes too: the sensitive nodes
-                        # (typically the first convolutions) are what breaks them, and the fastest
-                        # passing candidate wins (measured: cnn3_gray150 1.78 ms vs 2.25 ms on u8u8).
-                        bases = [base.recipe] + [RECIPES[n] for n in SPEED_RECIPES if n != base.recipe.name]
-                        results = [attempt(replace(r, name=f"{r.name}+fp32[{','.join(nodes)}]", exclude=tuple(nodes))) for r in bases]
-                        if any(c.meets for c in results):
-                            break
+                    curve = _grow_fp32_set(pre, base, eval_tensors, attempt, started + budget_s)
         usable = [c for c in tried if c.error is None]
         latencies = time_models([fp32, *(c.path for c in usable)], eval_tensors)
         fp32_latency = latencies[0]
@@ -304,4 +296,50 @@ def quantize_int8(
         tolerance=tolerance,
         seconds=time.perf_counter() - started,
         warnings=warnings,
+        curve=[{"fp32_nodes": k, "max_prob_diff": c.max_prob_diff, "agreement": c.agreement, "latency_ms": c.latency_ms, "meets": c.meets}
+               for k, c in curve if c.error is None],
     )
+
+
+def _grow_fp32_set(pre: Path, base: Candidate, tensors: np.ndarray, attempt, deadline: float) -> list[tuple[int, Candidate]]:
+    """Keep the most sensitive nodes in fp32, growing the set (1, 2, 4, ...) then bisecting to the fewest that pass.
+
+    Returns the (nodes kept in fp32, candidate) points tried, the trade-off curve.
+    """
+    try:
+        ranked = sensitive_nodes(pre, base.path, tensors, limit=1_000_000)
+    except Exception as exc:  # the debugging tools are best effort
+        log.warning("qdq_loss_debug failed: %s", exc)
+        return []
+    curve: list[tuple[int, Candidate]] = []
+
+    def at(count: int, recipe: Recipe) -> Candidate:
+        nodes = tuple(ranked[:count])
+        candidate = attempt(replace(recipe, name=f"{recipe.name}+fp32[{count} most sensitive]", exclude=nodes))
+        if recipe is base.recipe:
+            curve.append((count, candidate))
+        return candidate
+
+    failing, passing, count = 0, None, 1
+    while ranked and time.perf_counter() < deadline:
+        if at(count, base.recipe).meets:
+            passing = count
+            break
+        failing = count
+        if count == len(ranked):
+            break
+        count = min(2 * count, len(ranked))
+    while passing is not None and passing - failing > 1 and time.perf_counter() < deadline:
+        middle = (failing + passing) // 2
+        if at(middle, base.recipe).meets:
+            passing = middle
+        else:
+            failing = middle
+    if passing is not None:
+        # The same nodes kept in fp32 on the faster recipes too: the sensitive nodes (typically the
+        # first convolutions) are what breaks them, and the fastest passing candidate wins.
+        for name in SPEED_RECIPES:
+            if name != base.recipe.name and time.perf_counter() < deadline:
+                at(passing, RECIPES[name])
+    curve.sort(key=lambda point: point[0])
+    return curve

@@ -88,6 +88,7 @@ def export_runs(
     recipe: str = DEFAULT_RECIPE,
     calibrate_method: Optional[str] = None,
     search: bool = True,
+    int8_budget: float = 180.0,
     on_fail: str = "warn",
     threshold_method: Optional[str] = None,
     name: Optional[str] = None,
@@ -190,7 +191,7 @@ def export_runs(
                         member.export.onnx_path, work / f"{member.name}.int8.onnx", calib,
                         eval_tensors=x_eval, y_true=y_val if val_files else None, threshold=threshold,
                         tolerance=int8_tolerance, recipe=recipe, calibrate_method=calibrate_method,
-                        search=search, on_fail=on_fail,
+                        search=search, budget_s=int8_budget, on_fail=on_fail,
                     )
                 except QuantizationError as exc:
                     raise QuantizationError(f"{member.name}: {exc}") from None

@@ -128,6 +128,8 @@ class QuantizationResult:
     tolerance: Tolerance
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    #: The fp32-kept-nodes search: [{fp32_nodes, max_prob_diff, agreement, latency_ms, meets}], fewest nodes first.
+    curve: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -145,6 +147,7 @@ class QuantizationResult:
             "tolerance": asdict(self.tolerance),
             "seconds": round(self.seconds, 2),
             "warnings": self.warnings,
+            "curve": self.curve,
         }
 
 
