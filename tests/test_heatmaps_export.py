@@ -65,8 +65,9 @@ def test_nested_keras_applications_backbone_with_logits_head(export_base: Path, 
     from pneumoedge.export.onnx_export import export_keras
 
     model = _nested_mobilenet_logits()
+    model.save(tmp_path / "their_model.keras")  # loaded back from the file, as a user exports it
     spec = PreprocessSpec(height=64, width=64, color="rgb", resize="bilinear", scale=1.0)
-    result = export_keras(model, tmp_path / "m.onnx", spec=spec, labels=LABELS, head="logits", images=_images(export_base), parity_count=12)
+    result = export_keras(tmp_path / "their_model.keras", tmp_path / "m.onnx", spec=spec, labels=LABELS, head="logits", images=_images(export_base), parity_count=12)
     assert result.heatmap is not None and result.heatmap.ok
     assert result.heatmap.layer.startswith("mobilenetv2") and result.heatmap.layer.endswith("out_relu")
     assert "z_PNEUMONIA - z_NORMAL" in result.card.explain["score"]

@@ -322,7 +322,12 @@ def _keras_head_logits(model: Any, path: Sequence[Any]) -> Callable[[Any], Any]:
             end = _input_of(owner, last)
             final = last
         if start is not end:
-            sub = keras.Model(start, end)
+            try:
+                sub = keras.Model(start, end)
+            except ValueError:
+                # Keras cannot always cut a model loaded from a file at a nested model's output:
+                # then the head's own layers are called in order (still TensorFlow's autodiff).
+                return _layer_chain_logits(model, path)
             parts.append(lambda a, s=sub: s(a, training=False))
 
     def logits(A: Any) -> Any:
@@ -333,6 +338,25 @@ def _keras_head_logits(model: Any, path: Sequence[Any]) -> Callable[[Any], Any]:
             z = tf.matmul(h, final.kernel)
             return z + final.bias if final.use_bias else z
         return h  # an Activation layer: its input is the logits
+
+    return logits
+
+
+def _layer_chain_logits(model: Any, path: Sequence[Any]) -> Callable[[Any], Any]:
+    """A -> pre-activation by calling the layers after the feature layer one by one."""
+    import keras
+    import tensorflow as tf
+
+    *chain, final = _tail_layers(model, path)
+
+    def logits(A: Any) -> Any:
+        h = A
+        for layer in chain:
+            h = layer(h, training=False)
+        if isinstance(final, keras.layers.Dense):
+            z = tf.matmul(h, final.kernel)
+            return z + final.bias if final.use_bias else z
+        return h
 
     return logits
 
