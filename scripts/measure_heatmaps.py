@@ -157,10 +157,10 @@ def graph_overhead(model, runs: Path, items) -> dict:
 
 
 def cost(model, files: list[Path], work: Path) -> dict:
-    from pneumoedge.runtime.folder import _overlay_writer
+    from pneumoedge.runtime.folder import overlay_writer
 
     def run(explain: bool) -> float:
-        writer = _overlay_writer([work], work / "overlays", 768) if explain else None
+        writer = overlay_writer([work], work / "overlays", 768) if explain else None
         start = time.perf_counter()
         for _ in model.predict_many(files, explain=explain, postprocess=writer):
             pass

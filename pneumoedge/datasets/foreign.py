@@ -20,7 +20,7 @@ import numpy as np
 
 from pneumoedge.datasets.body_parts import _band_noise, _blur, _pt, _to_uint8, _work_shape, render_limb, render_skull
 from pneumoedge.datasets.phantoms import KINDS as PHANTOM_KINDS
-from pneumoedge.datasets.phantoms import PROVENANCE_FILE, render_phantom
+from pneumoedge.datasets.phantoms import PROVENANCE_FILE, _pick_size, render_phantom
 
 log = logging.getLogger(__name__)
 
@@ -228,17 +228,6 @@ def render_foreign(rng: np.random.Generator, kind: str, height: int, width: int)
     if height < 32 or width < 32:
         raise ValueError(f"foreign images need at least 32x32 pixels, got {height}x{width}")
     return GENERATORS[kind](rng, height, width)
-
-
-def _pick_size(size: Size, rng: np.random.Generator) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    h, w = size
-    if isinstance(h, (tuple, list)) and isinstance(w, (tuple, list)):
-        return int(rng.integers(h[0], h[1] + 1)), int(rng.integers(w[0], w[1] + 1))
-    if isinstance(h, (tuple, list)) or isinstance(w, (tuple, list)):
-        raise ValueError(f"size must be (height, width) or ((hmin, hmax), (wmin, wmax)), got {size!r}")
-    return int(h), int(w)
 
 
 def _write_one(job: tuple[Path, str, np.random.SeedSequence, tuple[int, int], int]) -> Path:

@@ -42,12 +42,9 @@ def _rename_output(proto: Any, old: str, new: str) -> None:
 
 def run_heatmaps(session: Any, tensors: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """The `pneumoedge_heatmap` output of a session over (N, ...) tensors: (N, h, w)."""
-    name = session.get_inputs()[0].name
-    maps = []
-    for start in range(0, len(tensors), batch_size):
-        batch = np.ascontiguousarray(tensors[start : start + batch_size], dtype=np.float32)
-        maps.append(session.run([HEATMAP_OUTPUT], {name: batch})[0])
-    return np.concatenate(maps)
+    from pneumoedge.export.onnx_export import run_output  # onnx_export imports this module
+
+    return run_output(session, tensors, HEATMAP_OUTPUT, batch_size)
 
 
 def check_heatmaps(

@@ -141,15 +141,20 @@ def onnx_session(path: Union[str, Path], threads: int = 1) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(session: Any, tensors: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Raw output of a one-input, one-output session over (N, ...) tensors."""
+def run_output(session: Any, tensors: np.ndarray, output: Optional[str] = None, batch_size: int = 16) -> np.ndarray:
+    """One output (default: the first) of a one-input session over (N, ...) tensors, in batches."""
     name = session.get_inputs()[0].name
+    output = output or session.get_outputs()[0].name
     outputs = []
     for start in range(0, len(tensors), batch_size):
         batch = np.ascontiguousarray(tensors[start : start + batch_size], dtype=np.float32)
-        outputs.append(session.run(None, {name: batch})[0])
-    out = np.concatenate(outputs, axis=0)
-    return out.reshape(len(tensors), -1)
+        outputs.append(session.run([output], {name: batch})[0])
+    return np.concatenate(outputs, axis=0)
+
+
+def run_onnx(session: Any, tensors: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Raw class output (the first) of a session over (N, ...) tensors, as (N, K)."""
+    return run_output(session, tensors, batch_size=batch_size).reshape(len(tensors), -1)
 
 
 # ---------------------------------------------------------------------------------------------

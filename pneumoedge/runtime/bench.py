@@ -312,7 +312,7 @@ def _ood_figures(ensemble: Ensemble, singles: Sequence[Sequence[np.ndarray]], se
 
 def _explain_figures(ensemble: Ensemble, images: Sequence[Path], settings: BenchSettings, plain_e2e: Sequence[float], plain_tp: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Explain mode beside the plain figures: heatmaps, overlay and PNG included."""
-    from pneumoedge.runtime.folder import _overlay_writer
+    from pneumoedge.runtime.folder import overlay_writer
 
     if not ensemble.can_explain:
         return None
@@ -322,7 +322,7 @@ def _explain_figures(ensemble: Ensemble, images: Sequence[Path], settings: Bench
     count = max(settings.throughput_images, n)
     stream = list(itertools.islice(itertools.cycle(images), count))
     with tempfile.TemporaryDirectory(prefix="pneumoedge-bench-overlays-") as tmp:
-        writer = _overlay_writer([Path(tmp)], Path(tmp) / "overlays", side)
+        writer = overlay_writer([Path(tmp)], Path(tmp) / "overlays", side)
         start = time.perf_counter()
         done = sum(1 for p in ensemble.predict_many(stream, batch_size=settings.batch, explain=True, postprocess=writer) if p.status == "ok")
         seconds = time.perf_counter() - start

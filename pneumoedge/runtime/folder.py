@@ -202,7 +202,7 @@ def run_folder(
     try:
         with progress:
             task = progress.add_task("infer", total=total, rate="")
-            postprocess = None if heatmaps is None else _overlay_writer(inputs, heatmaps, overlay_side)
+            postprocess = None if heatmaps is None else overlay_writer(inputs, heatmaps, overlay_side)
             predictions = ensemble.predict_many(
                 images(), batch_size=batch_size, workers=workers, explain=heatmaps is not None, postprocess=postprocess
             )
@@ -236,7 +236,9 @@ def overlay_path(path: Path, inputs: Sequence[Path], folder: Path) -> Path:
     return folder / f"{path.name}.png"
 
 
-def _overlay_writer(inputs: Sequence[Path], folder: Path, side: int):
+def overlay_writer(inputs: Sequence[Path], folder: Path, side: int):
+    """A `predict_many` postprocess: write each classified image's overlay PNG, put its path in the row."""
+
     def write(prediction: Prediction) -> Prediction:
         if prediction.status != "ok" or prediction.explanation is None:
             return prediction

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import numpy as np
@@ -34,20 +35,23 @@ class LoadedMember:
     def dynamic_batch(self) -> bool:
         return not isinstance(self.session.get_inputs()[0].shape[0], int)
 
-    @property
+    # Output names are read from the session once: they are looked up on every batch.
+    @cached_property
     def output_name(self) -> str:
         return self.session.get_outputs()[0].name
 
-    @property
+    @cached_property
     def heatmap_output(self) -> Optional[str]:
         """The graph's heatmap output, when its card names one that exists."""
-        name = (self.card.explain or {}).get("heatmap_output")
-        return name if name and name in {o.name for o in self.session.get_outputs()} else None
+        return self._named_output("heatmap_output")
 
-    @property
+    @cached_property
     def features_output(self) -> Optional[str]:
         """The graph's pooled-features output (what the out-of-distribution score reads), if any."""
-        name = (self.card.explain or {}).get("features_output")
+        return self._named_output("features_output")
+
+    def _named_output(self, key: str) -> Optional[str]:
+        name = (self.card.explain or {}).get(key)
         return name if name and name in {o.name for o in self.session.get_outputs()} else None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
