@@ -8,13 +8,13 @@ probability, the model's name, a colour legend and the decision-support notice.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import cv2
 import numpy as np
+
+from pneumoedge.atomic import write_atomic
 
 NOTICE = "Decision support, not a diagnosis."
 OOD_WARNING = "Unlike this model's training images: do not rely on this result."
@@ -137,16 +137,7 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 
 def write_png_atomic(path: Union[str, Path], rgb: np.ndarray) -> Path:
-    """Write an RGB image as PNG through a temporary file and a rename: never a half-written file."""
+    """Write an RGB image as PNG (its folder made if needed) atomically: never a half-written file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(encode_png(rgb))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomic(target, encode_png(rgb))

@@ -8,10 +8,11 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from pneumoedge.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,6 @@ def remember_verified(path: Path, sha256: str, stat_before: Optional[list[int]])
     target = _verified_file(sha256)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=".verified-")
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump({"sha256": sha256, "path": str(Path(path).resolve()), "stat": now}, out)
-        os.replace(tmp, target)
+        write_atomic(target, json.dumps({"sha256": sha256, "path": str(Path(path).resolve()), "stat": now}))
     except OSError as exc:
         log.info("checksum record %s not written (%s)", target, exc)

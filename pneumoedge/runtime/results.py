@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pneumoedge.runtime.ensemble import Prediction
+from pneumoedge.atomic import write_atomic
+from pneumoedge.runtime.prediction import Prediction
 
 FORMATS = ("csv", "jsonl")
 #: Rows with these statuses are final; a resumed run redoes the others (errors may be transient).
@@ -120,9 +121,7 @@ class ResultWriter:
                 if isinstance(record, dict) and record.get("status") in FINAL_STATUSES:
                     kept.append(line)
                     done.add(str(record.get("path")))
-        tmp = path.with_name(f".{path.name}.resume.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(line + "\n" for line in kept))
         return done
 
     def write(self, prediction: Prediction, extra: Optional[dict[str, Any]] = None) -> None:

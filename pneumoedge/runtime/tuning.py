@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import onnxruntime as ort
 
+from pneumoedge.atomic import write_atomic
 from pneumoedge.bundle import MANIFEST, Manifest
 from pneumoedge.runtime.machine import CpuInfo, cache_dir, cpu_info
 # Start-up caches live in machine.py; re-exported because the loading code imports them from here.
@@ -171,11 +172,7 @@ def store(manifest: Manifest, device: str, choice: Configuration, measured: Sequ
         "measured": list(measured),
         **extra,
     }
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tune-", suffix=".json")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(record, out, indent=2)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(record, indent=2))
 
 
 def read_stored(manifest: Manifest, device: str) -> tuple[Optional[dict[str, Any]], list[str]]:
