@@ -26,6 +26,37 @@ _GRAY = ("MONOCHROME1", "MONOCHROME2")
 _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
+#: Modalities of projection radiographs (chest X-rays among them): Computed and Digital Radiography.
+RADIOGRAPH_MODALITIES = ("CR", "DX")
+
+
+def not_a_radiograph(header: Any) -> str:
+    """THE modality rule (`infer`, `serve`, `listen`): why this DICOM object is not a projection radiograph.
+
+    "" when its Modality is CR or DX, OT ("other": digitised films) or absent (many exports
+    leave it out; the pixels still go through every other check). Otherwise a one-line reason, e.g. "modality CT (computed
+    tomography) is not a projection radiograph (CR or DX); this model classifies chest
+    X-rays": a CT slice or an MR image would get a confident, meaningless label.
+    `header` is any pydicom Dataset (pixels not needed).
+    """
+    modality = str(header.get("Modality", "") or "").strip().upper()
+    if not modality or modality in RADIOGRAPH_MODALITIES or modality == "OT":
+        return ""
+    name = _MODALITY_NAMES.get(modality)
+    shown = f"{modality} ({name})" if name else modality
+    return f"modality {shown} is not a projection radiograph (CR or DX); this model classifies chest X-rays"
+
+
+_MODALITY_NAMES = {
+    "CT": "computed tomography", "MR": "magnetic resonance", "US": "ultrasound", "NM": "nuclear medicine",
+    "PT": "positron emission tomography", "MG": "mammography", "XA": "X-ray angiography",
+    "RF": "fluoroscopy", "IO": "intra-oral radiography", "PX": "panoramic X-ray",
+    "SC": "secondary capture", "SR": "structured report", "RTIMAGE": "radiotherapy image",
+    "RTDOSE": "radiotherapy dose", "RTSTRUCT": "radiotherapy structures", "RTPLAN": "radiotherapy plan",
+    "ES": "endoscopy", "XC": "external camera", "OP": "ophthalmic photography", "SM": "slide microscopy",
+    "ECG": "electrocardiography", "PR": "presentation state", "KO": "key object selection", "SEG": "segmentation",
+}
+
 
 def decode_dicom(data: bytes, *, max_pixels: int, voi: str = "file") -> np.ndarray:
     """Render a single-frame DICOM image to float32 0..255, (H, W) gray or (H, W, 3) RGB.
@@ -76,6 +107,9 @@ def _check_single_image(ds: Any, max_pixels: int) -> None:
     if "PixelData" not in ds:
         other = "float pixel data, which is not supported" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else "no image"
         raise ImageError(f"DICOM object with {other} ({_sop_name(sop_class, ds)})")
+    refusal = not_a_radiograph(ds)
+    if refusal:
+        raise ImageError(refusal)
     frames = _int(ds, "NumberOfFrames", 1)
     if frames > 1:
         raise ImageError(f"multi-frame DICOM ({frames} frames) is not supported: export the frame to classify as a single image")

@@ -113,6 +113,8 @@ def test_compressed_dicom_without_decoder_names_the_package() -> None:
         ("huge", "declared size 65535x65535"),
         ("truncated", "cannot read the DICOM file: The number of bytes of pixel data is less than expected"),
         ("not_dicom", "DICOM object with no image"),
+        ("ct", "modality CT (computed tomography) is not a projection radiograph (CR or DX)"),
+        ("mr", "modality MR (magnetic resonance) is not a projection radiograph"),
     ],
 )
 def test_dicom_that_is_not_one_image_is_refused_per_file(kind: str, message: str) -> None:
@@ -124,10 +126,29 @@ def test_dicom_that_is_not_one_image_is_refused_per_file(kind: str, message: str
         "huge": lambda: dicom_bytes(TWELVE, Rows=65535, Columns=65535),
         "truncated": lambda: dicom_bytes(TWELVE)[:-100],
         "not_dicom": lambda: b"\x00" * 128 + b"DICM" + b"\xff" * 40,
+        "ct": lambda: dicom_bytes(TWELVE, bits_stored=12, Modality="CT"),
+        "mr": lambda: dicom_bytes(TWELVE, bits_stored=12, Modality="MR"),
     }[kind]()
     with pytest.raises(ImageError) as caught:
         read_pixels(data)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX", "OT", None])
+def test_radiograph_modalities_and_a_missing_one_are_read(modality) -> None:
+    from pneumoedge.dicom import not_a_radiograph
+
+    data = dicom_bytes(TWELVE, bits_stored=12, Modality=modality) if modality else _without_modality()
+    assert not_a_radiograph(dcmread(io.BytesIO(data))) == ""
+    np.testing.assert_allclose(read_pixels(data), MIN_MAX, atol=1e-3)
+
+
+def _without_modality() -> bytes:
+    ds = dcmread(io.BytesIO(_CACHED_DICOM))
+    del ds.Modality
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
 
 
 def test_without_pydicom_the_error_says_what_to_install(monkeypatch) -> None:

@@ -111,7 +111,8 @@ def test_ledger_refuses_a_csv_of_another_model(tmp_path: Path) -> None:
         ({"Modality": "DX"}, ""),
         ({"Modality": "DX", "BodyPartExamined": "HAND"}, "BodyPartExamined is HAND"),
         ({"Modality": "CT", "BodyPartExamined": "CHEST"}, "modality CT"),
-        ({"BodyPartExamined": "CHEST"}, "modality (missing)"),
+        ({"BodyPartExamined": "CHEST"}, ""),  # the receiver takes only CR/DX classes; the tag may be absent
+        ({"Modality": "MR"}, "modality MR (magnetic resonance) is not a projection radiograph"),
         ({"Modality": "DX", "BodyPartExamined": "CHEST", "NumberOfFrames": 3}, "multi-frame (3 frames)"),
     ],
 )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pneumoedge.dicom import not_a_radiograph
 from pneumoedge.pacs import report
 from pneumoedge.pacs.ledger import Ledger
 from pneumoedge.pacs.send import Outbox
@@ -28,7 +29,6 @@ from pneumoedge.runtime.ensemble import Ensemble, Prediction
 log = logging.getLogger(__name__)
 
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS")
-RADIOGRAPHY_MODALITIES = ("CR", "DX")
 
 
 @dataclass
@@ -58,11 +58,12 @@ class _Job:
 def not_chest_reason(header: Any) -> str:
     """Why the header says this is not a single-frame chest radiograph ("" when it is one).
 
+    The modality is `pneumoedge.dicom.not_a_radiograph`, the rule `infer` and `serve` apply too.
     A missing BodyPartExamined is accepted: many chest radiographs leave it empty.
     """
-    modality = str(header.get("Modality", "") or "").upper()
-    if modality not in RADIOGRAPHY_MODALITIES:
-        return f"modality {modality or '(missing)'} is not a projection radiograph (CR or DX)"
+    refusal = not_a_radiograph(header)
+    if refusal:
+        return refusal
     part = str(header.get("BodyPartExamined", "") or "").strip().upper()
     if part and part not in CHEST_BODY_PARTS:
         return f"BodyPartExamined is {part}, not a chest"
