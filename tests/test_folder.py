@@ -68,3 +68,56 @@ def test_output_inside_input_folder_is_not_an_input(bundle_dir: Path, image_fold
     summary = run_folder(model, [image_folder], writer=writer, out=out)
     assert summary.ok == 6 and summary.skipped == 0
     assert "results.csv" not in out.read_text()
+
+
+class _ReversingEngine:
+    """A second engine: the same predict_many, rows handed back in reverse order, one path made an error."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.provider = "test-engine"
+        self.closed = False
+        self.seen: list[Path] = []
+
+    def predict(self, paths, *, explain=False, postprocess=None):
+        self.seen = list(paths)
+        rows = list(self.model.predict_many(self.seen[1:], batch_size=2, explain=explain, postprocess=postprocess))
+        rows.append(pneumoedge.Prediction(source=str(self.seen[0]), status="error", error="worker crashed twice"))
+        return iter(reversed(rows))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_any_engine_gets_the_same_rows_resume_and_progress(bundle_dir: Path, image_folder: Path, tmp_path: Path) -> None:
+    from pneumoedge.runtime.engine import Engine
+
+    model = pneumoedge.load(bundle_dir)
+    (image_folder / "notes.txt").write_text("not an image")
+    local_out, other_out = tmp_path / "local.jsonl", tmp_path / "other.jsonl"
+    run_folder(model, [image_folder], writer=ResultWriter("jsonl", model.labels, [m.name for m in model.members]), out=local_out)
+    engine = _ReversingEngine(model)
+    assert isinstance(engine, Engine)
+    calls: list[tuple[int, object]] = []
+    summary = run_folder(
+        engine, [image_folder], writer=ResultWriter("jsonl", model.labels, [m.name for m in model.members]),
+        out=other_out, progress=lambda rows, total, _: calls.append((rows, total)),
+    )
+    assert engine.closed and all(p.suffix != ".txt" for p in engine.seen)  # the engine only sees images
+    assert summary.provider == "test-engine" and summary.errors == 1 and summary.skipped == 1 and summary.exit_code == 1
+    assert calls[0] == (0, 7) and calls[-1] == (7, 7) and len(calls) == 8
+
+    def rows(path: Path) -> dict[str, dict]:
+        import json
+
+        return {r["path"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+    local, other = rows(local_out), rows(other_out)
+    assert local.keys() == other.keys()
+    crashed = str(engine.seen[0])
+    assert other[crashed]["status"] == "error" and other[crashed]["error"] == "worker crashed twice"
+    for path in local.keys() - {crashed}:
+        assert {k: v for k, v in other[path].items() if k != "provider"} == {k: v for k, v in local[path].items() if k != "provider"}
+    # --resume with the local engine runs only the errored file again
+    summary = run_folder(model, [image_folder], writer=ResultWriter("jsonl", model.labels, [m.name for m in model.members]), out=other_out, resume=True)
+    assert summary.resumed == 6 and summary.ok == 1

@@ -19,6 +19,7 @@ from pneumoedge.commands.options import (
     stderr,
     user_errors,
 )
+from pneumoedge.commands.progress import folder_progress
 from pneumoedge.imageio import decoder_messages_to_log
 from pneumoedge.runtime.ensemble import load
 from pneumoedge.runtime.folder import RunSummary, run_folder
@@ -87,21 +88,22 @@ def infer(
         if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
             raise UserError(f"--heatmaps {heatmaps}: exists and is not a folder")
         writer = ResultWriter(fmt, ensemble.labels, [m.name for m in ensemble.members])
-        summary = run_folder(
-            ensemble,
-            inputs,
-            writer=writer,
-            out=out,
-            overwrite=overwrite,
-            resume=resume,
-            batch_size=batch or ensemble.configuration.batch,
-            workers=workers,
-            recursive=recursive,
-            show_progress=stderr.is_terminal if progress is None else progress,
-            console=stderr,
-            heatmaps=heatmaps,
-            overlay_side=overlay_size,
-        )
+        show = stderr.is_terminal if progress is None else progress
+        with folder_progress(stderr, show) as on_row:
+            summary = run_folder(
+                ensemble,
+                inputs,
+                writer=writer,
+                out=out,
+                overwrite=overwrite,
+                resume=resume,
+                batch_size=batch or ensemble.configuration.batch,
+                workers=workers,
+                recursive=recursive,
+                progress=on_row,
+                heatmaps=heatmaps,
+                overlay_side=overlay_size,
+            )
     _print_summary(summary, ensemble.threshold, getattr(ensemble, "configuration", None))
     if heatmaps is not None:
         sources = "; ".join(f"{name}: {how}" for name, how in ensemble.map_sources().items())

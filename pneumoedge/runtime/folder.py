@@ -1,4 +1,9 @@
-"""Folder inference: find every file, predict the images, account for every file in the results."""
+"""Folder inference: find every file, predict the images, account for every file in the results.
+
+The row contract lives here, once, for every engine: discovery (`discover`, the one scanner of
+input folders), skipped and error rows, `--resume`, one whole line per write, the summary and
+its exit code. Where predictions are computed is an `Engine` (pneumoedge.runtime.engine).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,15 @@ import os
 import stat
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from dataclasses import replace
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from pneumoedge.explain.overlay import write_png_atomic
 from pneumoedge.imageio import IMAGE_SUFFIXES
-from pneumoedge.runtime.ensemble import Ensemble, Prediction
+from pneumoedge.runtime.engine import Engine, LocalEngine, Postprocess
+from pneumoedge.runtime.ensemble import Ensemble
+from pneumoedge.runtime.prediction import Prediction
 from pneumoedge.runtime.results import ResultWriter
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,16 @@ class RunSummary:
     elapsed_s: float = 0.0
     provider: str = ""
     output: str = "-"
+
+    def record(self, prediction: Prediction) -> None:
+        """Count one predicted image's row."""
+        if prediction.status == "ok":
+            self.ok += 1
+            self.labels[prediction.label] += 1
+            self.overlays += bool(prediction.overlay_path)
+            self.ood += prediction.ood is True
+        else:
+            self.failed(prediction.source, prediction.error)
 
     def failed(self, path: str, reason: str) -> None:
         self.errors += 1
@@ -142,8 +154,12 @@ def _has_dicom_marker(path: Path) -> bool:
         return False
 
 
+#: Called after every row: (rows written, rows expected or None, the summary so far).
+ProgressCallback = Callable[[int, Optional[int], "RunSummary"], None]
+
+
 def run_folder(
-    ensemble: Ensemble,
+    model: Union[Ensemble, Engine],
     inputs: Sequence[Path],
     *,
     writer: ResultWriter,
@@ -153,74 +169,77 @@ def run_folder(
     batch_size: int = 8,
     workers: Optional[int] = None,
     recursive: bool = True,
-    show_progress: bool = False,
-    console: Optional[Console] = None,
+    progress: Optional[ProgressCallback] = None,
     heatmaps: Optional[Path] = None,
     overlay_side: int = 768,
 ) -> RunSummary:
     """Predict every image under `inputs`, streaming one row per file to `writer`.
 
-    With `resume`, rows already finished in `out` are kept and their files not run again.
-    With `heatmaps` (a folder), each classified image also gets an overlay PNG there, at the
-    input's relative path plus ".png", written atomically; its path goes into the row.
+    Args:
+        model: a loaded `Ensemble` (run here: `LocalEngine` with `batch_size` and `workers`)
+            or any `Engine`, which this function closes when the run ends.
+        writer: the result file's writer; `out` is its path (None: standard output).
+        resume: keep the rows already finished in `out` and do not run their files again.
+        progress: called after each row; given one, the files are counted first, so that it
+            learns the total (its first call has 0 rows written).
+        heatmaps: a folder; each classified image also gets an overlay PNG there, at the
+            input's relative path plus ".png", written atomically; its path goes into the row.
     """
     for root in inputs:
         if not root.exists():
             raise InputError(f"{root}: no such file or folder")
-    done = writer.open(out, overwrite=overwrite, resume=resume)
-    summary = RunSummary(provider=ensemble.provider, output=str(out) if out else "-")
-    exclude = [out] if out else []
-    total = sum(1 for _ in discover(inputs, recursive=recursive, exclude=exclude)) if show_progress else None
-
-    def images() -> Iterator[Path]:
-        for path, kind, reason in discover(inputs, recursive=recursive, exclude=exclude):
-            if str(path) in done:
-                summary.resumed += 1
-            elif kind == "image":
-                yield path
-                continue
-            elif kind == "skipped":
-                writer.write(Prediction(source=str(path), status="skipped", error=reason))
-                summary.skipped += 1
-            else:
-                writer.write(Prediction(source=str(path), status="error", error=reason))
-                summary.failed(str(path), reason)
-            progress.advance(task)
-
-    progress = Progress(
-        TextColumn("[bold]infer"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        disable=not show_progress,
-        transient=False,
-    )
-    start = time.perf_counter()
+    engine = LocalEngine(model, batch_size=batch_size, workers=workers) if isinstance(model, Ensemble) else model
     try:
-        with progress:
-            task = progress.add_task("infer", total=total, rate="")
-            postprocess = None if heatmaps is None else overlay_writer(inputs, heatmaps, overlay_side)
-            predictions = ensemble.predict_many(
-                images(), batch_size=batch_size, workers=workers, explain=heatmaps is not None, postprocess=postprocess
-            )
-            for prediction in predictions:
-                writer.write(prediction)
-                if prediction.status == "ok":
-                    summary.ok += 1
-                    summary.labels[prediction.label] += 1
-                    summary.overlays += bool(prediction.overlay_path)
-                    summary.ood += prediction.ood is True
-                else:
-                    summary.failed(prediction.source, prediction.error)
-                elapsed = time.perf_counter() - start
-                progress.update(task, advance=1, rate=f"{summary.predicted / elapsed:.1f} img/s" if elapsed else "")
+        done = writer.open(out, overwrite=overwrite, resume=resume)
+        summary = RunSummary(provider=engine.provider, output=str(out) if out else "-")
+        exclude = [out] if out else []
+        found = discover(inputs, recursive=recursive, exclude=exclude)
+        tick = _ticker(summary, progress, total=sum(1 for _ in discover(inputs, recursive=recursive, exclude=exclude)) if progress else None)
+        postprocess = None if heatmaps is None else overlay_writer(inputs, heatmaps, overlay_side)
+        images = _images_to_run(found, done, writer, summary, tick)
+        for prediction in engine.predict(images, explain=heatmaps is not None, postprocess=postprocess):
+            writer.write(prediction)
+            summary.record(prediction)
+            tick()
     finally:
-        summary.elapsed_s = time.perf_counter() - start
+        engine.close()
         writer.close()
     return summary
+
+
+def _ticker(summary: RunSummary, progress: Optional[ProgressCallback], total: Optional[int]) -> Callable[[], None]:
+    """Count written rows, keep `summary.elapsed_s` current, and report to `progress`."""
+    start = time.perf_counter()
+    rows = 0
+
+    def tick(advance: int = 1) -> None:
+        nonlocal rows
+        rows += advance
+        summary.elapsed_s = time.perf_counter() - start
+        if progress is not None:
+            progress(rows, total, summary)
+
+    tick(0)
+    return tick
+
+
+def _images_to_run(
+    found: Iterable[tuple[Path, str, str]], done: set[str], writer: ResultWriter, summary: RunSummary, tick: Callable[[], None]
+) -> Iterator[Path]:
+    """The image paths still to predict; writes the skipped and error rows of the rest as it goes."""
+    for path, kind, reason in found:
+        if str(path) in done:
+            summary.resumed += 1
+        elif kind == "image":
+            yield path
+            continue
+        elif kind == "skipped":
+            writer.write(Prediction(source=str(path), status="skipped", error=reason))
+            summary.skipped += 1
+        else:
+            writer.write(Prediction(source=str(path), status="error", error=reason))
+            summary.failed(str(path), reason)
+        tick()
 
 
 def overlay_path(path: Path, inputs: Sequence[Path], folder: Path) -> Path:
@@ -236,7 +255,7 @@ def overlay_path(path: Path, inputs: Sequence[Path], folder: Path) -> Path:
     return folder / f"{path.name}.png"
 
 
-def overlay_writer(inputs: Sequence[Path], folder: Path, side: int):
+def overlay_writer(inputs: Sequence[Path], folder: Path, side: int) -> Postprocess:
     """A `predict_many` postprocess: write each classified image's overlay PNG, put its path in the row."""
 
     def write(prediction: Prediction) -> Prediction:
