@@ -142,11 +142,13 @@ def delong(y_true: Any, scores: Any) -> tuple[Optional[float], Optional[float]]:
 
 
 def auc_estimate(y_true: Any, scores: Any) -> Estimate:
-    """ROC AUC with a DeLong 95 % interval (normal, clipped to 0..1)."""
+    """ROC AUC with a DeLong 95 % interval (normal, clipped to 0..1); no interval where DeLong's variance is 0."""
     auc, variance = delong(y_true, scores)
     if auc is None:
         return Estimate(None, None, None, "DeLong 95 %")
-    if variance is None:
+    if variance is None or variance <= 0.0:
+        # one case of a class, or classes perfectly separated: DeLong's variance is 0 there, and a
+        # zero-width interval would claim certainty that a small sample cannot give
         return Estimate(auc, None, None, "DeLong 95 %")
     half = Z95 * math.sqrt(max(variance, 0.0))
     return Estimate(auc, max(0.0, auc - half), min(1.0, auc + half), "DeLong 95 %")
