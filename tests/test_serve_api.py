@@ -62,8 +62,13 @@ def infer_rows(inputs: Path, tmp_path_factory) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def client(ensemble):
-    with TestClient(create_app(ensemble)) as test_client:
+    with _client(create_app(ensemble)) as test_client:
         yield test_client
+
+
+def _client(app) -> TestClient:
+    """A test client that names a host the server answers (the default loopback names)."""
+    return TestClient(app, base_url="http://localhost")
 
 
 def _same_as_infer(row: dict, expected: dict) -> None:
@@ -155,7 +160,7 @@ def _asgi_post(app, chunks: int, chunk: bytes, headers: list, first: bytes = b""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": "/api/v1/predict", "raw_path": b"/api/v1/predict", "query_string": b"", "root_path": "",
-        "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        "headers": [(b"host", b"localhost"), *headers], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
     }
     asyncio.run(app(scope, receive, send))
     return status[0], pulled
@@ -174,7 +179,7 @@ def test_413_while_streaming_before_the_body_is_read(ensemble, inputs) -> None:
     # A declared 2 GB body is refused before any of it is read.
     status, pulled = _asgi_post(app, 1000, b"x", [(b"content-type", b"image/jpeg"), (b"content-length", b"2000000000")])
     assert status == 413 and pulled == 0
-    with TestClient(app) as small:
+    with _client(app) as small:
         big = (inputs / "example_05.png").read_bytes()
         assert len(big) > limit
         too_big = small.post("/api/v1/predict", files={"file": ("x.png", big)})
@@ -200,7 +205,7 @@ def test_stalled_upload_gets_408_and_a_vanished_client_frees_its_slot(ensemble, 
         assert _asgi_post(app, 10, b"x" * 10_000, headers, then=disconnect)[0] == 499
     assert "status=499" in caplog.text
     assert app.app.state.queue.pending == 0  # both slots given back: the next request is admitted
-    with TestClient(app) as client:
+    with _client(app) as client:
         jpeg = (EXAMPLES / "example_01.jpeg").read_bytes()
         assert client.post("/api/v1/predict", content=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
 
@@ -225,7 +230,7 @@ def test_queue_full_gives_503_with_retry_after_then_recovers(ensemble, inputs) -
     jpeg = (inputs / "example_01.jpeg").read_bytes()
     wrapped = create_app(gated, ServeSettings(queue_limit=2))
     queue = wrapped.app.state.queue
-    with TestClient(wrapped) as client:
+    with _client(wrapped) as client:
         held = []
         threads = [threading.Thread(target=lambda: held.append(client.post("/api/v1/predict", files={"file": ("a.jpeg", jpeg)}))) for _ in range(2)]
         for thread in threads:
@@ -253,8 +258,16 @@ def test_model_health_schema_and_docs(client, ensemble) -> None:
     assert model["labels"] == described["labels"] and model["threshold"] == described["threshold"]
     assert [m["name"] for m in model["members"]] == [m["name"] for m in described["members"]]
     manifest = ensemble.manifest
-    assert model["name"] == manifest.name and model["provenance"] == manifest.provenance
-    assert [m["sha256"] for m in model["members"]] == [e.sha256 for e in manifest.members_for("default")]
+    assert model["name"] == manifest.name
+    # The provenance as recorded, except that folders in it are shown by name only (no paths).
+    assert model["provenance"].keys() == manifest.provenance.keys()
+    assert model["provenance"]["data"] == [Path(folder).name for folder in manifest.provenance["data"]]
+    for key, value in manifest.provenance.items():
+        if "/" not in json.dumps(value):
+            assert model["provenance"][key] == value, key
+    # The members that run (precision "auto" picks int8 on a VNNI machine), each with its recorded sha256.
+    precision = model["members"][0]["precision"]
+    assert [m["sha256"] for m in model["members"]] == [e.sha256 for e in manifest.members_for(precision)]
     assert model["synthetic"] is True and "synthetic phantoms" in model["provenance_summary"]
     assert model["notice"] == "Decision support, not a diagnosis."
     assert client.get("/healthz").json() == {"status": "alive"}
@@ -263,6 +276,31 @@ def test_model_health_schema_and_docs(client, ensemble) -> None:
     assert {"/api/v1/predict", "/api/v1/model", "/healthz", "/readyz"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/api/v1/predict"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+
+
+def test_model_description_shows_no_server_paths(client, ensemble) -> None:
+    """Finding 4: member files, the bundle folder and recorded data folders are names, never paths."""
+    text = client.get("/api/v1/model").text
+    strings: list[str] = []
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str):
+            strings.append(value)
+
+    walk(json.loads(text))
+    assert strings and not [s for s in strings if s.startswith(("/", "~")) or ":\\" in s]
+    root = ensemble.manifest.root.resolve()
+    for secret in (str(root), str(root.parent), str(Path.home()), "/tmp/"):
+        assert secret not in text, f"{secret!r} is shown by /api/v1/model"
+    model = json.loads(text)
+    assert model["bundle"] == root.name
+    assert [m["source"] for m in model["members"]] == [Path(m["source"]).name for m in ensemble.describe()["members"]]
 
 
 def test_page_assets_are_local_and_headers_are_strict(client) -> None:
@@ -284,7 +322,7 @@ def test_page_assets_are_local_and_headers_are_strict(client) -> None:
 
 
 def test_token_required_on_page_and_api_when_set(ensemble) -> None:
-    with TestClient(create_app(ensemble, ServeSettings(token=TOKEN))) as client:
+    with _client(create_app(ensemble, ServeSettings(token=TOKEN))) as client:
         for path in ("/", "/api/v1/model", "/static/app.js", "/api/v1/openapi.json"):
             response = client.get(path)
             assert response.status_code == 401 and "Basic" in response.headers["www-authenticate"]
@@ -323,12 +361,12 @@ def test_uploads_stay_in_memory_unless_kept(ensemble, inputs, tmp_path, monkeypa
     for name in ("TemporaryFile", "NamedTemporaryFile", "SpooledTemporaryFile", "mkstemp"):
         original = getattr(tempfile, name)
         monkeypatch.setattr(tempfile, name, lambda *a, _o=original, _n=name, **k: (created.append(_n), _o(*a, **k))[1])
-    with TestClient(create_app(ensemble)) as client:
+    with _client(create_app(ensemble)) as client:
         assert client.post("/api/v1/predict", files={"file": ("x.png", big)}).status_code == 200
     assert created == []
     kept = tmp_path / "kept"
     kept.mkdir()
-    with TestClient(create_app(ensemble, ServeSettings(keep_uploads=kept))) as client:
+    with _client(create_app(ensemble, ServeSettings(keep_uploads=kept))) as client:
         response = client.post("/api/v1/predict", files=[("file", ("Doe.png", big)), ("file", ("x.pdf", b"%PDF-1"))])
     request_id = response.json()["request_id"]
     assert sorted(p.name for p in kept.iterdir()) == [f"{request_id}-1.png", f"{request_id}-2.bin"]
@@ -338,7 +376,7 @@ def test_uploads_stay_in_memory_unless_kept(ensemble, inputs, tmp_path, monkeypa
 def test_explain_on_a_model_without_heatmaps_says_why(gray_model, inputs) -> None:
     plain = pneumoedge.load(gray_model)  # a tiny ONNX model without heatmap outputs
     assert not plain.can_explain
-    with TestClient(create_app(plain)) as client:
+    with _client(create_app(plain)) as client:
         response = client.post("/api/v1/predict?explain=1", files={"file": ("a.jpeg", (inputs / "example_01.jpeg").read_bytes())})
         note = client.get("/api/v1/model").json()["explain_note"]
     assert response.status_code == 200
@@ -361,7 +399,7 @@ def test_explain_returns_the_overlay_of_predict_explain_inline(tmp_path, inputs)
     explaining = pneumoedge.load(model, threads=1)
     assert explaining.can_explain
     data = (inputs / "example_05.png").read_bytes()
-    with TestClient(create_app(explaining)) as client:
+    with _client(create_app(explaining)) as client:
         assert client.get("/api/v1/model").json()["can_explain"] is True
         plain = client.post("/api/v1/predict", files={"file": ("x.png", data)}).json()["results"][0]
         explained = client.post("/api/v1/predict?explain=1", files={"file": ("x.png", data)}).json()
@@ -448,3 +486,262 @@ def test_non_loopback_without_token_starts_only_when_told_and_warns(monkeypatch,
     assert len(started) == 1
     assert ("WITHOUT authentication" in result.output) is warned
     assert started[0].token == (TOKEN.encode() if env else None)
+
+
+# --- issue 19: slow senders, closing refusals, hosts, schema, page details ---------------------
+
+
+def _trickle_app(ensemble, **settings):
+    return create_app(ensemble, ServeSettings(**settings))
+
+
+async def _post_concurrently(app, first_receive, jpeg: bytes) -> tuple[list[int], list[int], int]:
+    """Request A (body from `first_receive`) still uploading while request B sends a whole image."""
+    statuses_a: list[int] = []
+    statuses_b: list[int] = []
+
+    def scope(headers):
+        return {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/api/v1/predict", "raw_path": b"/api/v1/predict", "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"localhost"), *headers], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        }
+
+    def sender(statuses):
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+        return send
+
+    sent = []
+
+    async def whole_body():
+        if sent:
+            await asyncio.sleep(60)
+        sent.append(1)
+        return {"type": "http.request", "body": jpeg, "more_body": False}
+
+    queue = app.app.state.queue
+    queue.start()
+    try:
+        slow = asyncio.ensure_future(app(scope([(b"content-type", b"image/jpeg")]), first_receive, sender(statuses_a)))
+        await asyncio.sleep(0.3)  # A has started its body
+        pending_during_upload = queue.pending
+        await app(scope([(b"content-type", b"image/jpeg")]), whole_body, sender(statuses_b))
+        await asyncio.wait_for(slow, 10)
+    finally:
+        queue.stop()
+    return statuses_a, statuses_b, pending_during_upload
+
+
+def test_slow_sender_holds_no_model_slot_and_is_cut_off_by_the_minimum_rate(ensemble) -> None:
+    """Finding 1: a trickling upload neither takes the only slot nor lasts past the rate limit."""
+    app = _trickle_app(ensemble, queue_limit=1, min_upload_rate=1000, rate_grace_s=1.0)
+    jpeg = (EXAMPLES / "example_01.jpeg").read_bytes()
+
+    async def one_byte_at_a_time():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"\xff", "more_body": True}
+
+    started = time.monotonic()
+    slow, ready, pending = asyncio.run(_post_concurrently(app, one_byte_at_a_time, jpeg))
+    assert pending == 0  # still uploading: no slot taken
+    assert ready == [200]  # the ready request ran (it got 503 when uploads held slots)
+    assert slow == [408]
+    assert time.monotonic() - started < 5
+
+
+def test_upload_deadline_and_rate_give_408_with_the_option_named(ensemble) -> None:
+    async def steady():  # 10 kB every 0.05 s: fast enough for the rate, never ends
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x" * 10_000, "more_body": True}
+
+    async def trickle():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    headers = [(b"content-type", b"image/jpeg")]
+    for settings, receive, words in [
+        (dict(body_deadline_s=0.5, min_upload_rate=0, max_upload_bytes=10**9), steady, "--upload-deadline"),
+        (dict(min_upload_rate=100_000, rate_grace_s=0.3), trickle, "--min-upload-rate"),
+    ]:
+        app = _trickle_app(ensemble, **settings)
+        messages = []
+
+        async def run(app=app, receive=receive):
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                "path": "/api/v1/predict", "raw_path": b"/api/v1/predict", "query_string": b"", "root_path": "",
+                "headers": [(b"host", b"localhost"), *headers], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+            }
+
+            async def send(message):
+                messages.append(message)
+
+            await app(scope, receive, send)
+
+        started = time.monotonic()
+        asyncio.run(run())
+        assert time.monotonic() - started < 3
+        start = messages[0]
+        assert start["status"] == 408
+        assert (b"connection", b"close") in start["headers"]
+        assert words in json.loads(messages[1]["body"])["detail"]
+
+
+def test_refusals_before_the_body_is_read_close_the_connection(client, ensemble) -> None:
+    """Finding 2: 413 (and 415, 422 on parameters) say Connection: close; the body is left unread."""
+    small = create_app(ensemble, ServeSettings(max_upload_bytes=1000))
+    status, pulled = _asgi_post(small, 1000, b"x", [(b"content-type", b"image/jpeg"), (b"content-length", b"2147483648")])
+    assert status == 413 and pulled == 0
+    with _client(small) as small_client:
+        too_big = small_client.post("/api/v1/predict", content=b"x" * 2000, headers={"Content-Type": "image/jpeg"})
+    assert too_big.status_code == 413 and too_big.headers["connection"] == "close"
+    wrong_type = client.post("/api/v1/predict", content=b"x", headers={"Content-Type": "text/plain"})
+    assert wrong_type.status_code == 415 and wrong_type.headers["connection"] == "close"
+    bad_parameter = client.post("/api/v1/predict?explain=perhaps", content=b"x", headers={"Content-Type": "image/jpeg"})
+    assert bad_parameter.status_code == 422 and bad_parameter.headers["connection"] == "close"
+    assert isinstance(bad_parameter.json()["detail"], str) and "explain" in bad_parameter.json()["detail"]
+
+
+def test_host_header_and_origin_are_checked(ensemble, inputs) -> None:
+    """Finding 3: DNS rebinding (a foreign name in Host) and cross-site writes are refused."""
+    jpeg = (inputs / "example_01.jpeg").read_bytes()
+    app = create_app(ensemble)  # the default: the loopback names only
+    with TestClient(app, base_url="http://localhost:8000") as client:
+        for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io", "10.0.0.5", ""):
+            response = client.get("/api/v1/model", headers={"Host": host})
+            assert response.status_code == 400 and "Host" in response.json()["detail"], host
+        for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST"):
+            assert client.get("/api/v1/model", headers={"Host": host}).status_code == 200, host
+        refused = client.post("/api/v1/predict", files={"file": ("a.jpeg", jpeg)}, headers={"Origin": "http://evil.example"})
+        assert refused.status_code == 403 and "cross-origin" in refused.json()["detail"]
+        assert client.post("/api/v1/predict", files={"file": ("a.jpeg", jpeg)}, headers={"Origin": "null"}).status_code == 403
+        same = client.post("/api/v1/predict", files={"file": ("a.jpeg", jpeg)}, headers={"Origin": "http://localhost:8000"})
+        assert same.status_code == 200
+        assert client.post("/api/v1/predict", files={"file": ("a.jpeg", jpeg)}).status_code == 200  # scripts send no Origin
+        assert client.get("/api/v1/model", headers={"Origin": "http://evil.example"}).status_code == 200  # reads: no CORS anyway
+
+
+@pytest.mark.parametrize(
+    "bind, extra, allowed, refused",
+    [
+        ("127.0.0.1", [], ["127.0.0.1:8000", "localhost", "[::1]:1"], ["192.168.1.5", "clinic-pc", "evil.example"]),
+        ("127.0.0.1", ["clinic.example"], ["clinic.example:443", "Clinic.Example."], ["evil.example"]),
+        ("0.0.0.0", [], ["192.168.1.5:8000", "[fe80::1]:8000", "localhost"], ["evil.example"]),
+        ("192.168.1.5", [], ["192.168.1.5:8000"], ["10.0.0.1", "evil.example"]),
+    ],
+)
+def test_host_policy_for_each_bind(bind, extra, allowed, refused) -> None:
+    from pneumoedge.serve.settings import HostPolicy
+
+    policy = HostPolicy.for_bind(bind, extra)
+    assert all(policy.allows(host) for host in allowed), (policy, allowed)
+    assert not any(policy.allows(host) for host in refused), (policy, refused)
+    if bind == "0.0.0.0":
+        assert policy.allows(socket.gethostname())
+
+
+def test_head_of_the_page_answers(client) -> None:
+    """Finding 7: HEAD / is 200 with GET's headers and no body (it was 405)."""
+    head, get = client.head("/"), client.get("/")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == get.headers["content-length"]
+    assert head.headers["content-security-policy"] == get.headers["content-security-policy"]
+
+
+def test_websocket_scopes_are_refused_before_the_app(ensemble) -> None:
+    """Finding 7: a WebSocket scope never reaches the app, token or not (it skipped the check)."""
+    from pneumoedge.serve.middleware import ServeMiddleware
+
+    reached = []
+
+    async def inner(scope, receive, send):
+        reached.append(scope["type"])
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    for token in (None, TOKEN):
+        scope = {"type": "websocket", "path": "/api/v1/predict", "headers": [(b"host", b"localhost")], "query_string": b""}
+        asyncio.run(ServeMiddleware(inner, token=token)(scope, receive, send))
+    assert reached == [] and [m["type"] for m in sent] == ["websocket.close", "websocket.close"]
+    asyncio.run(ServeMiddleware(inner)({"type": "lifespan"}, receive, send))
+    assert reached == ["lifespan"]
+
+
+def test_kept_uploads_are_readable_by_the_owner_only(ensemble, inputs, tmp_path) -> None:
+    """Finding 7: --keep-uploads files are 0600 whatever the umask (they were world-readable)."""
+    import os
+    import stat
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    old = os.umask(0o002)
+    try:
+        with _client(create_app(ensemble, ServeSettings(keep_uploads=kept))) as client:
+            assert client.post("/api/v1/predict", files={"file": ("a.jpeg", (inputs / "example_01.jpeg").read_bytes())}).status_code == 200
+    finally:
+        os.umask(old)
+    (written,) = kept.iterdir()
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+
+
+def test_a_ct_dicom_is_refused_by_the_modality_rule(client) -> None:
+    """Finding 6: a CT slice is not classified as a chest X-ray (dicom.not_a_radiograph, as infer and listen)."""
+    pixels = cv2.imread(str(EXAMPLES / "example_01.jpeg"), cv2.IMREAD_GRAYSCALE)
+    ct = dicom_bytes(pixels, Modality="CT")
+    response = client.post("/api/v1/predict", files={"file": ("slice.dcm", ct)})
+    assert response.status_code == 422
+    body = response.json()
+    assert "CT" in body["detail"] and "not a projection radiograph" in body["detail"]
+    assert body["results"][0]["status"] == "error" and body["results"][0]["label"] is None
+    cr = client.post("/api/v1/predict", files={"file": ("chest.dcm", dicom_bytes(pixels, Modality="CR"))})
+    assert cr.status_code == 200 and cr.json()["results"][0]["status"] == "ok"
+
+
+def test_when_every_file_fails_the_body_is_the_error_body(client) -> None:
+    """Finding 5: 415/422 carry the documented {"detail": ...} (plus each file's row)."""
+    for files, status in [
+        ([("file", ("a.png", b"%PDF-1.4"))], 415),
+        ([("file", ("a.jpeg", b"\xff\xd8\xff\xe0 truncated"))], 422),
+        ([("file", ("a.png", b"%PDF-1.4")), ("file", ("b.jpeg", b""))], 422),
+    ]:
+        response = client.post("/api/v1/predict", files=files)
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert isinstance(body["detail"], str) and body["detail"].startswith("no file could be classified")
+        assert [row["path"] for row in body["results"]] == [name for _, (name, _) in files]
+
+
+def test_openapi_schema_describes_bodies_statuses_and_auth(ensemble) -> None:
+    """Finding 5: every response has a schema; predict's 200, errors, required `file`, 401, the token schemes."""
+    with _client(create_app(ensemble, ServeSettings(token=TOKEN))) as client:
+        schema = client.get("/api/v1/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    components = schema["components"]["schemas"]
+    predict = schema["paths"]["/api/v1/predict"]["post"]
+    assert predict["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/PredictResponse"}
+    assert {"request_id", "results", "model", "explain", "notice"} <= set(components["PredictResponse"]["required"])
+    row = components["Row"]
+    assert set(row["required"]) == {"path", "status", "label", "probability", "probabilities", "member_probabilities",
+                                     "disagreement", "threshold", "provider", "ood", "ood_score", "overlay", "error"}
+    assert set(predict["responses"]) == {"200", "400", "401", "403", "408", "413", "415", "422", "503"}
+    multipart = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert multipart["required"] == ["file"]
+    assert components["ErrorBody"]["required"] == ["detail"] and components["ErrorBody"]["properties"]["detail"]["type"] == "string"
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                assert response.get("content"), (path, method, status)
+            if path not in ("/healthz", "/readyz"):
+                assert "401" in operation["responses"], (path, method)
+    assert schema["paths"]["/healthz"]["get"]["security"] == [] and schema["paths"]["/readyz"]["get"]["security"] == []
+    assert schema["security"] == [{"bearer": []}, {"basic": []}]
+    assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer TOKEN (serve --token)"}
+    # The FastAPI default (a list of pydantic errors under "detail") is not offered anywhere.
+    assert "HTTPValidationError" not in components

@@ -11,7 +11,7 @@ import typer
 from typing_extensions import Annotated
 
 from pneumoedge.commands.options import CLINICAL_NOTE, Device, Models, Precision, UserError, model_arg, stderr, user_errors
-from pneumoedge.runtime.ensemble import load
+from pneumoedge.runtime.loading import load
 
 
 def serve(
@@ -31,7 +31,28 @@ def serve(
         bool, typer.Option("--insecure-no-auth", help="Listen on a non-loopback address WITHOUT authentication.")
     ] = False,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body, in MB; larger ones get 413 while uploading.")] = 64.0,
-    queue: Annotated[int, typer.Option(min=1, help="Requests admitted at once (uploading, waiting or running); more get 503.")] = 32,
+    queue: Annotated[int, typer.Option(min=1, help="Requests admitted to the model at once (body read, waiting or running); more get 503.")] = 32,
+    upload_deadline: Annotated[
+        float, typer.Option(min=1, help="Seconds a whole request body may take; slower uploads get 408.")
+    ] = 120.0,
+    min_upload_rate: Annotated[
+        float, typer.Option(min=0, help="Slowest average upload rate accepted, in KB/s, counted after the first 10 s (0: no minimum); slower uploads get 408.")
+    ] = 16.0,
+    max_connections: Annotated[
+        int, typer.Option(min=2, help="Open connections at once (uvicorn's limit_concurrency); more get 503. Bounds the memory of bodies being read.")
+    ] = 64,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a connection may take to send a request's headers before it is closed.")
+    ] = 10.0,
+    allowed_host: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Also answer requests for this host name (repeatable), e.g. the name clients or a reverse proxy use. "
+            "By default only the --host address (and on loopback localhost, 127.0.0.1, ::1; on 0.0.0.0 any IP address "
+            "and this computer's name): other names are refused (DNS rebinding).",
+            show_default=False,
+        ),
+    ] = None,
     workers: Annotated[
         Optional[int],
         typer.Option(min=1, help="Threads running the model at once. Default: as infer runs batches (one per core with 1 thread each).", show_default=False),
@@ -58,7 +79,8 @@ def serve(
             import uvicorn
 
             from pneumoedge.serve import ServeSettings, create_app
-            from pneumoedge.serve.settings import is_loopback
+            from pneumoedge.serve.server import uvicorn_config
+            from pneumoedge.serve.settings import HostPolicy, is_loopback
         except ModuleNotFoundError as exc:
             raise UserError(f"serve needs the [serve] extra ({exc.name} is missing): pip install \"pneumoedge[serve]\"") from None
         secured = token is not None
@@ -76,6 +98,11 @@ def serve(
                 inference_threads=workers or ensemble.configuration.runners,
                 token=token,
                 keep_uploads=keep_uploads,
+                body_deadline_s=upload_deadline,
+                min_upload_rate=min_upload_rate * 1024,
+                max_connections=max_connections,
+                header_timeout_s=header_timeout,
+                hosts=HostPolicy.for_bind(host, allowed_host or ()),
             )
         except ValueError as exc:
             raise UserError(str(exc)) from None
@@ -88,14 +115,7 @@ def serve(
     stderr.print(f"pneumoedge serve: http://{shown}:{bound_port}/ (model {ensemble.name}); Ctrl-C stops", highlight=False, soft_wrap=True)
     stderr.print(f"model runs: {ensemble.configuration.describe()}; serve runs one image per run, {settings.threads} at once", highlight=False, soft_wrap=True)
     stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
-    config = uvicorn.Config(
-        create_app(ensemble, settings),
-        log_config=None,  # our handlers; uvicorn's access log would record query strings
-        access_log=False,
-        server_header=False,
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=10,
-    )
+    config = uvicorn_config(create_app(ensemble, settings), settings)
     try:
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop

@@ -2,8 +2,10 @@
 
 The event loop never runs the model: each file is predicted in a worker thread (onnxruntime and
 OpenCV release the GIL), so health checks and the page answer while uploads are processed.
-A request holds one admission slot from before its body is read until its answer is ready, so
-the memory held by bodies is bounded by `queue_limit` x the upload limit.
+A request takes an admission slot only once its body has been read, and holds it until its
+answer is ready: clients still uploading (however slowly) never keep a ready request from the
+model. Bodies being read are bounded by the connection limit (uvicorn's `limit_concurrency`)
+and cut off by the upload deadline and minimum rate (`serve.uploads.body_chunks`).
 """
 
 from __future__ import annotations

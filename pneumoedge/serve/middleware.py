@@ -1,4 +1,4 @@
-"""One ASGI layer around the app: request ids, authentication, security headers, privacy-safe logs.
+"""One ASGI layer around the app: host and origin checks, authentication, request ids, security headers, logs.
 
 Logs carry a request id, the route, the status, byte counts and timings: never a file name,
 a query string, a header value or anything read from an image (DICOM headers name patients).
@@ -14,6 +14,9 @@ import logging
 import time
 import uuid
 from typing import Any, Awaitable, Callable, MutableMapping, Optional
+from urllib.parse import urlsplit
+
+from pneumoedge.serve.settings import HostPolicy
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -46,16 +49,33 @@ SECURITY_HEADERS = (
 )
 
 
-class ServeMiddleware:
-    """Wraps the FastAPI app; `token` None means no authentication (loopback or explicitly insecure)."""
+#: Methods that change nothing: a browser's cross-site GET cannot read the answer (no CORS), so
+#: only the other methods need the Origin check.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-    def __init__(self, app: ASGIApp, token: Optional[str] = None) -> None:
+
+class ServeMiddleware:
+    """Wraps the FastAPI app; `token` None means no authentication (loopback or explicitly insecure).
+
+    Every HTTP request must name one of `hosts` in its Host header (400 otherwise), and a
+    browser's write (any method but GET/HEAD/OPTIONS carrying an Origin) must come from the
+    page's own origin (403 otherwise). WebSocket connections are refused: the service has none.
+    """
+
+    def __init__(self, app: ASGIApp, token: Optional[str] = None, hosts: Optional[HostPolicy] = None) -> None:
         self.app = app
         self.token = token.encode() if token else None
+        self.hosts = hosts or HostPolicy()
 
     async def __call__(self, scope: Scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            # No route takes a WebSocket (uvicorn is started with ws="none" too): refuse before
+            # anything else sees it, so no future route could skip the checks below.
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
             return
         request_id = uuid.uuid4().hex[:12]
         state = scope.setdefault("state", {})
@@ -79,7 +99,11 @@ class ServeMiddleware:
             await send(message)
 
         try:
-            if self.token is not None and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                status, detail = refusal
+                await _refuse(secured_send, status, detail)
+            elif self.token is not None and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
                 await _unauthorized(secured_send)
             else:
                 await self.app(scope, counting_receive, secured_send)
@@ -97,6 +121,19 @@ class ServeMiddleware:
                 counts["out"],
                 (time.perf_counter() - started) * 1000,
             )
+
+    def _refusal(self, scope: Scope) -> Optional[tuple[int, str]]:
+        """(status, reason) when the Host or the Origin is not this server's; None when both are."""
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not self.hosts.allows(host):
+            return 400, "unknown Host header: this server answers only the names it was started for (serve --allowed-host)"
+        origin = headers.get(b"origin")
+        if origin is not None and scope["method"] not in SAFE_METHODS:
+            netloc = urlsplit(origin.decode("latin-1")).netloc.lower() if origin != b"null" else ""
+            if netloc != host.lower():  # same origin: the page this server served
+                return 403, "cross-origin request refused: only this server's own page may send images"
+        return None
 
     def _authorized(self, scope: Scope) -> bool:
         """A bearer token (API clients) or HTTP Basic with the token as password (the browser prompts)."""
@@ -116,6 +153,15 @@ class ServeMiddleware:
 
 
 _REPLACED = frozenset(name for name, _ in SECURITY_HEADERS)
+
+
+async def _refuse(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    # The body was not read: close rather than read it to find the next request.
+    headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _unauthorized(send) -> None:

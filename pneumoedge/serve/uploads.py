@@ -8,6 +8,7 @@ python-multipart's streaming parser and each file is collected in memory.
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Optional
@@ -55,7 +56,13 @@ async def read_uploads(request: Request, settings: ServeSettings) -> list[Upload
 
 
 async def body_chunks(request: Request, settings: ServeSettings) -> AsyncIterator[bytes]:
-    """The body's chunks as they arrive; 413 as soon as it passes the limit, 408 on a stalled client."""
+    """The body's chunks as they arrive; 413 as soon as it passes the limit, 408 when it is too slow.
+
+    Too slow is any of: nothing received for `body_timeout_s`; the whole body not in within
+    `body_deadline_s`; after the first `rate_grace_s`, fewer than `min_upload_rate` bytes per
+    second on average since the start. A client sending one byte every few seconds is cut off
+    after the grace period, instead of holding a connection (and memory) for as long as it likes.
+    """
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -63,20 +70,40 @@ async def body_chunks(request: Request, settings: ServeSettings) -> AsyncIterato
             raise HTTPProblem(400, "invalid Content-Length header")
         if int(declared) > limit:
             raise HTTPProblem(413, _too_large(limit, f"declares {int(declared):,} bytes"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     received = 0
     stream = request.stream().__aiter__()
     while True:
+        wait, reason = _next_wait(settings, received, loop.time() - started)
+        if wait <= 0:
+            raise HTTPProblem(408, reason)
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), settings.body_timeout_s)
+            chunk = await asyncio.wait_for(stream.__anext__(), wait)
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
-            raise HTTPProblem(408, f"the upload stalled: nothing received for {settings.body_timeout_s:g} s") from None
+            raise HTTPProblem(408, _next_wait(settings, received, loop.time() - started)[1]) from None
         received += len(chunk)
         if received > limit:
             raise HTTPProblem(413, _too_large(limit, f"passed {limit:,} bytes while uploading"))
         if chunk:
             yield chunk
+
+
+def _next_wait(settings: ServeSettings, received: int, elapsed: float) -> tuple[float, str]:
+    """How long to wait for the next chunk, and the reason to give if it does not come in time."""
+    limits = [
+        (settings.body_timeout_s, f"the upload stalled: nothing received for {settings.body_timeout_s:g} s"),
+        (settings.body_deadline_s - elapsed, f"the upload took longer than {settings.body_deadline_s:g} s (serve --upload-deadline)"),
+    ]
+    if settings.min_upload_rate > 0:
+        # The moment the average rate since the start falls below the minimum, given what has arrived.
+        falls_below = settings.rate_grace_s + received / settings.min_upload_rate
+        limits.append(
+            (falls_below - elapsed, f"the upload is too slow: under {settings.min_upload_rate / 1024:g} KB/s (serve --min-upload-rate)")
+        )
+    return min(limits, key=lambda limit: limit[0])
 
 
 def _too_large(limit: int, what: str) -> str:
@@ -162,7 +189,10 @@ def _basename(name: str) -> str:
 
 
 def keep(uploads: list[Upload], folder: Path, request_id: str) -> list[Path]:
-    """Write uploads to `folder` as REQUESTID-N.KIND (never the client's name: it may identify a patient)."""
+    """Write uploads to `folder` as REQUESTID-N.KIND, readable by the server's user only.
+
+    Never under the client's name: it may identify a patient.
+    """
     written = []
     for index, upload in enumerate(uploads, 1):
         try:
@@ -170,7 +200,9 @@ def keep(uploads: list[Upload], folder: Path, request_id: str) -> list[Path]:
         except ImageError:
             kind = "bin"
         path = folder / f"{request_id}-{index}.{kind}"
-        with open(path, "xb") as handle:
+        # Owner-only from the moment it exists (0600 whatever the umask): patients' images.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
             handle.write(upload.data)
         written.append(path)
     return written
