@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import coldstart, report, static  # noqa: E402
-from pneumoedge.runtime.bench import library_versions, machine_info  # noqa: E402
+from pneumoedge.benchmarking.measure import library_versions, machine_info  # noqa: E402
 
 SCHEMA = "pneumoedge.compare/1"
 NAMES = ("cnn3_gray150", "cnn4_gray256")

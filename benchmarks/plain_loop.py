@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="conditions to record (other jobs running, ...)")
     options = parser.parse_args(argv)
 
-    from pneumoedge.runtime.ensemble import default_bundle_path
+    from pneumoedge.runtime.loading import default_bundle_path
 
     try:
         from pneumoedge.runtime.machine import cpu_info
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_tune(bundle: Path, budget: float) -> dict:
     """`pneumoedge tune` on `bundle` (the library call), as it would run on this machine."""
-    from pneumoedge.runtime.tuning import tune
+    from pneumoedge.benchmarking.tune import tune
 
     load = load_average()
     result = tune(bundle, budget_s=budget)

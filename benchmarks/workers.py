@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pneumoedge.runtime.bench import peak_rss_mb, rss_mb, summarize, time_calls  # noqa: E402
+from pneumoedge.benchmarking.measure import peak_rss_mb, rss_mb, summarize, time_calls  # noqa: E402
 
 Prepare = Callable[[str], list]  # path -> one (H, W, C) float32 tensor per model
 Run = Callable[[int, np.ndarray], np.ndarray]  # (model index, batch) -> (N,) probabilities

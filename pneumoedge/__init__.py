@@ -11,7 +11,9 @@ Results are decision support for clinicians, never a diagnosis.
 from pneumoedge.bundle import BundleError
 from pneumoedge.imageio import ImageError
 from pneumoedge.preprocessing import PreprocessSpec, preprocess
-from pneumoedge.runtime.ensemble import Ensemble, Prediction, load
+from pneumoedge.runtime.ensemble import Ensemble
+from pneumoedge.runtime.loading import load
+from pneumoedge.runtime.prediction import Prediction
 from pneumoedge.runtime.sessions import DeviceError
 
 __version__ = "0.1.0"

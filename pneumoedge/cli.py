@@ -2,19 +2,50 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+from typing import Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 from pneumoedge import __version__
 
-#: Verb modules, in the order `--help` lists them. Training-side verbs import TensorFlow
-#: only inside their functions, so `--help`, `infer`, `info` and `bench` never load it.
-VERBS = ("infer", "explain", "serve", "listen", "info", "tune", "bench", "bundle", "train", "evaluate", "export", "demo")
+#: Each command and the module under `pneumoedge.commands` that registers it, in the order
+#: `--help` lists them. A verb's module is imported only when that verb runs (or `--help`
+#: lists them all): `pneumoedge infer` never pays for the web server's or the DICOM node's
+#: imports, and training-side verbs import TensorFlow only inside their functions.
+VERBS = {
+    "infer": "infer", "explain": "explain", "validate": "validate", "serve": "serve", "listen": "listen", "send-results": "listen",
+    "info": "info", "tune": "tune", "bench": "bench", "bundle": "bundle", "train": "train",
+    "evaluate": "evaluate", "export": "export", "demo": "demo",
+}
+
+
+class LazyVerbs(TyperGroup):
+    """The top-level group: lists `VERBS` and imports a verb's module when it is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(VERBS)
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        return verb_command(name) if name in VERBS else None
+
+
+@functools.lru_cache(maxsize=None)
+def verb_command(name: str) -> click.Command:
+    """The click command `name`, from its module's `register(app)`."""
+    module = importlib.import_module(f"pneumoedge.commands.{VERBS[name]}")
+    holder = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
+    module.register(holder)
+    return typer.main.get_group(holder).commands[name]
+
 
 app = typer.Typer(
+    cls=LazyVerbs,
     name="pneumoedge",
     help="Chest X-ray pneumonia classifiers: train, export to ONNX, and run fast on clinic computers. "
     "Results are decision support for clinicians, never a diagnosis.",
@@ -43,12 +74,3 @@ def main(
         format="%(levelname)s %(name)s: %(message)s",
     )
 
-
-for _verb in VERBS:
-    try:
-        _module = importlib.import_module(f"pneumoedge.commands.{_verb}")
-    except ModuleNotFoundError as exc:  # a verb not written yet in this checkout
-        if exc.name != f"pneumoedge.commands.{_verb}":
-            raise
-        continue
-    _module.register(app)

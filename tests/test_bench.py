@@ -13,7 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pneumoedge.cli import app
-from pneumoedge.runtime.bench import SCHEMA, STAT_KEYS, BenchError, BenchSettings, run_bench, summarize, write_phantoms
+from pneumoedge.benchmarking.bench import SCHEMA, BenchSettings, run_bench
+from pneumoedge.benchmarking.images import write_phantoms
+from pneumoedge.benchmarking.measure import STAT_KEYS, BenchError, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDERED = ("min", "p50", "p90", "p95", "p99", "max")

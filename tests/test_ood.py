@@ -15,7 +15,7 @@ import pneumoedge
 from pneumoedge.bundle import BundleError, MemberSource, write_bundle
 from pneumoedge.cli import app
 from pneumoedge.export.ood_fit import graph_features, with_ood
-from pneumoedge.export.onnx_export import onnx_session
+from pneumoedge.export.onnx_run import onnx_session
 from pneumoedge.runtime.ood import OodError, OodStats, combine, fit, ledoit_wolf_shrinkage
 from tests.conftest import SPEC_GRAY, gradient_image
 from tests.explain_models import EXPLAIN, map_model
@@ -167,7 +167,7 @@ def test_composed_bundles_keep_their_members_statistics(ood_bundle: Path, tmp_pa
 
 
 def test_bench_measures_what_the_score_adds(ood_bundle: Path, reference_images: list[Path], bundle_dir: Path) -> None:
-    from pneumoedge.runtime.bench import BenchSettings, run_bench
+    from pneumoedge.benchmarking.bench import BenchSettings, run_bench
 
     settings = BenchSettings(runs=5, warmup=1, batch=2, throughput_images=4)
     figures = run_bench(ood_bundle, reference_images[:3], settings)["ensemble"]["ood"]
@@ -187,3 +187,20 @@ def test_a_wrapped_onnx_model_gets_statistics_from_its_reference_folder(tmp_path
     model = pneumoedge.load(out)
     assert model.can_flag_ood and "48 images" in model.ood_note
     assert all(r.ood_score is not None for r in model.predict_many(reference_images[:3]))
+
+
+def test_whitened_float32_distances_equal_the_precision_formula() -> None:
+    """The run-time GEMM form gives the float64 einsum's distances, also for a wide feature layer."""
+    rng = np.random.default_rng(3)
+    width = 512
+    mixing = rng.normal(size=(width, width)) / np.sqrt(width)
+    reference = rng.normal(size=(300, width)) @ mixing + 5.0  # correlated, offset features
+    stats, _ = fit(reference)
+    probe = np.concatenate([rng.normal(size=(20, width)) @ mixing + 5.0, rng.normal(size=(5, width)) * 3.0])
+    fast, exact = stats.distances(probe), stats.exact_distances(probe)
+    assert fast.dtype == np.float64 and fast.shape == (25,)
+    np.testing.assert_allclose(fast, exact, rtol=1e-4)
+    assert ((fast >= stats.threshold) == (exact >= stats.threshold)).all()
+    # A precision Cholesky refuses (not positive definite in floating point) still gets a factor.
+    flat = OodStats(np.zeros(3), np.diag([1.0, 4.0, 0.0]), 1.0)
+    np.testing.assert_allclose(flat.distances(np.array([[1.0, 1.0, 7.0]])), [np.sqrt(5.0)], rtol=1e-6)

@@ -29,7 +29,7 @@ from pneumoedge.pacs import report  # noqa: E402
 from pneumoedge.pacs.ledger import read_rows  # noqa: E402
 from pneumoedge.pacs.node import Node, NodeConfig  # noqa: E402
 from pneumoedge.pacs.send import Destination  # noqa: E402
-from pneumoedge.runtime.ensemble import load  # noqa: E402
+from pneumoedge.runtime.loading import load  # noqa: E402
 from tests.orthanc_helpers import HOST, Orthanc, chest_instance, free_port, uids_of  # noqa: E402
 from tests.system_tools import require_program  # noqa: E402
 

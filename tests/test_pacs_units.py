@@ -22,7 +22,7 @@ from pneumoedge.pacs.ledger import Ledger, read_rows  # noqa: E402
 from pneumoedge.pacs.send import Outbox, parse_destination  # noqa: E402
 from pneumoedge.pacs.spool import Spool, key_of  # noqa: E402
 from pneumoedge.pacs.worker import Worker, not_chest_reason  # noqa: E402
-from pneumoedge.runtime.ensemble import Prediction, load  # noqa: E402
+from pneumoedge import Prediction, load  # noqa: E402
 from pneumoedge.runtime.results import ResultWriter  # noqa: E402
 from tests.orthanc_helpers import chest_instance, free_port, uids_of  # noqa: E402
 

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pneumoedge.bundle import read_manifest
-from pneumoedge.runtime.ensemble import default_bundle_path
+from pneumoedge.runtime.loading import default_bundle_path
 from tests.serve_helpers import EXAMPLES, REPO, start_server, stop_server
 from tests.system_tools import require_program
 

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 import pneumoedge
 from pneumoedge.bundle import MemberSource, read_manifest, write_bundle
 from pneumoedge.cli import app
+from pneumoedge.benchmarking.tune import choose
+from pneumoedge.benchmarking.tune import tune as tune_bundle
 from pneumoedge.runtime import machine, tuning
 from pneumoedge.runtime.machine import CpuInfo, cache_dir, parse_cpuinfo
 from tests.conftest import SPEC_GRAY, gradient_image
@@ -148,7 +150,7 @@ def small_images(tmp_path: Path) -> list[Path]:
 def test_tune_stores_a_choice_that_load_then_uses(tmp_path: Path, monkeypatch, small_images, own_cache: Path) -> None:
     use_cpu(monkeypatch, AVX2)
     bundle = two_precision_bundle(tmp_path)
-    result = tuning.tune(bundle, budget_s=0.5, images=small_images)
+    result = tune_bundle(bundle, budget_s=0.5, images=small_images)
     assert {r["precision"] for r in result.measured} == {"fp32", "int8"}  # both measured even on a tiny budget
     assert all(r["images_per_s"] > 0 and r["ok"] == r["images"] for r in result.measured)
     assert result.stored is not None and own_cache in result.stored.parents
@@ -170,9 +172,9 @@ def test_tune_stores_a_choice_that_load_then_uses(tmp_path: Path, monkeypatch, s
 def test_int8_must_beat_fp32_by_a_margin() -> None:
     rows = [{"precision": "fp32", "threads": 1, "batch": 8, "images_per_s": 100.0},
             {"precision": "int8", "threads": 1, "batch": 8, "images_per_s": 103.0}]
-    assert tuning._choose(rows).precision == "fp32"
+    assert choose(rows).precision == "fp32"
     rows[1]["images_per_s"] = 120.0
-    assert tuning._choose(rows).precision == "int8"
+    assert choose(rows).precision == "int8"
 
 
 @pytest.mark.parametrize(

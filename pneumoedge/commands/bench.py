@@ -14,7 +14,9 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from pneumoedge.commands.options import CLINICAL_NOTE, Device, Precision, Threads, UserError, model_arg, stderr, user_errors
-from pneumoedge.runtime.bench import BenchError, BenchSettings, bench_images, run_bench
+from pneumoedge.benchmarking.bench import BenchSettings, run_bench
+from pneumoedge.benchmarking.images import bench_images
+from pneumoedge.benchmarking.measure import BenchError
 
 
 def bench(
@@ -111,6 +113,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     if e.get("explain"):
         table.add_row("  explain + overlay", "", "", *_stats_cells(e["explain"]["end_to_end_ms"]))
     console.print(table)
+    if e.get("stages_ms"):
+        console.print(_stages_table(e["stages_ms"]))
     split, tp = e["split"], e["throughput"]
     console.print(
         f"time split (medians): decode {split['decode_fraction']:.0%}, preprocess {split['tensors_fraction']:.0%}, "
@@ -121,6 +125,28 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         + f"peak resident memory: {report['memory']['peak_rss_mb'] or float('nan'):.0f} MiB",
         highlight=False,
     )
+
+
+#: How each stage is named in the table (the JSON keys of `stages_ms`).
+STAGE_NAMES = {"decode": "read + decode", "preprocess": "preprocess (tensors)", "model": "model run(s)",
+               "ood": "out-of-distribution score", "heatmap": "heatmap (explain only)",
+               "overlay": "overlay PNG (explain only)", "row": "result row"}
+
+
+def _stages_table(stages: dict[str, Any]) -> Table:
+    """Where one image's milliseconds go: each stage's median and share of a plain prediction."""
+    plain = sum(v for k, v in stages.items() if v is not None and k not in ("heatmap", "overlay")) or 1.0
+    table = Table(title="per image, by stage (batch 1, medians)", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("stage", no_wrap=True)
+    table.add_column("ms", justify="right", no_wrap=True)
+    table.add_column("of plain", justify="right", no_wrap=True)
+    for key, name in STAGE_NAMES.items():
+        value = stages.get(key)
+        if value is None:
+            table.add_row(name, "-", "(not in this model)")
+        else:
+            table.add_row(name, _ms(value), f"{value / plain:.0%}")
+    return table
 
 
 def _explain_line(explain: Optional[dict[str, Any]]) -> str:

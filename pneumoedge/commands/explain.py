@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 
 from pneumoedge.commands.options import CLINICAL_NOTE, Device, Models, Precision, UserError, model_arg, stderr, user_errors
 from pneumoedge.explain.overlay import write_png_atomic
-from pneumoedge.runtime.ensemble import load
+from pneumoedge.runtime.loading import load
 
 
 def explain(

@@ -21,7 +21,7 @@ from pneumoedge.commands.options import (
 )
 from pneumoedge.commands.progress import folder_progress
 from pneumoedge.imageio import decoder_messages_to_log
-from pneumoedge.runtime.ensemble import load
+from pneumoedge.runtime.loading import load
 from pneumoedge.runtime.folder import RunSummary, run_folder
 from pneumoedge.runtime.results import FORMATS, OutputError, ResultWriter
 

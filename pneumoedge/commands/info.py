@@ -13,7 +13,7 @@ from typing_extensions import Annotated
 
 from pneumoedge.commands.options import CLINICAL_NOTE, Precision, model_arg, user_errors
 from pneumoedge.bundle import read_manifest
-from pneumoedge.runtime.ensemble import load
+from pneumoedge.runtime.loading import load
 from pneumoedge.runtime.machine import cpu_info
 
 

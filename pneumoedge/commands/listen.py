@@ -111,7 +111,7 @@ def listen(
         _require_pacs()
         from pneumoedge.pacs.node import Node, NodeConfig
         from pneumoedge.pacs.send import SendError, echo
-        from pneumoedge.runtime.ensemble import load
+        from pneumoedge.runtime.loading import load
 
         _quiet_pynetdicom(verbose_dicom)
         aet = _check_aet(aet)

@@ -10,8 +10,8 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from pneumoedge.commands.options import CLINICAL_NOTE, Device, UserError, stderr, user_errors
-from pneumoedge.runtime.bench import find_images
-from pneumoedge.runtime.ensemble import default_bundle_path
+from pneumoedge.benchmarking.images import find_images
+from pneumoedge.runtime.loading import default_bundle_path
 from pneumoedge.runtime.machine import cpu_info
 
 
@@ -35,7 +35,7 @@ def tune(
     and its SIMD flags, and the onnxruntime version; the bundle itself is never changed.
     int8 wins only when it is at least 5% faster than fp32.
     """
-    from pneumoedge.runtime.tuning import tune as run_tune
+    from pneumoedge.benchmarking.tune import tune as run_tune
 
     with user_errors():
         root = bundle or default_bundle_path()

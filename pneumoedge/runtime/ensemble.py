@@ -23,8 +23,9 @@ from pneumoedge.preprocessing import read_for, to_tensor
 from pneumoedge.runtime.map_sources import map_source_for
 from pneumoedge.runtime.members import LoadedMember
 from pneumoedge.runtime.ood import combine as ood_combine
-from pneumoedge.runtime.ood import manifest_entries, member_stats
+from pneumoedge.runtime.ood import OodStats, manifest_entries, member_stats
 from pneumoedge.runtime.prediction import Prediction
+from pneumoedge.runtime.tuning import Configuration
 
 
 class Ensemble:
@@ -38,6 +39,7 @@ class Ensemble:
         threshold_method: str = "unspecified",
         manifest: Optional[Manifest] = None,
         threads: Optional[int] = None,
+        configuration: Optional[Configuration] = None,
     ) -> None:
         if not members:
             raise BundleError("an ensemble needs at least one member")
@@ -58,12 +60,16 @@ class Ensemble:
         self.manifest = manifest
         #: onnxruntime intra-op threads per session (None: one per core), as loaded.
         self.threads = threads
+        #: How this ensemble was configured here (precision, threads, batch) and why; None when
+        #: built by hand rather than by `load`.
+        self.configuration = configuration
         self._weights = np.array([m.weight for m in members], dtype=np.float64)
         self._weights /= self._weights.sum()
         self._decode_keys = sorted({m.card.spec.decode_key for m in members})
         self._explain_lock = threading.Lock()
         self._map_sources: dict[str, tuple[Optional[LoadedMember], str]] = {}
-        self._ood = [member_stats(manifest, m) for m in self.members]
+        #: Per member, its out-of-distribution statistics (None: the member has none).
+        self.ood_stats: tuple[Optional[OodStats], ...] = tuple(member_stats(manifest, m) for m in self.members)
 
     @property
     def provider(self) -> str:
@@ -132,7 +138,7 @@ class Ensemble:
     @property
     def can_flag_ood(self) -> bool:
         """Whether predictions carry `ood` / `ood_score` (some member has reference statistics)."""
-        return any(stats is not None for stats in self._ood)
+        return any(stats is not None for stats in self.ood_stats)
 
     @property
     def ood_note(self) -> str:
@@ -237,7 +243,7 @@ class Ensemble:
     def _run_members(self, batches: Sequence[np.ndarray], explain: bool) -> tuple[np.ndarray, list, list[Optional[float]]]:
         """(members, N, labels) probabilities, each member's maps (explain) and each input's OOD score."""
         probs, maps, distances = [], [], []
-        for member, batch, stats in zip(self.members, batches, self._ood):
+        for member, batch, stats in zip(self.members, batches, self.ood_stats):
             source = self._map_source(member) if explain else None
             if source is member:
                 p, heat, feats = member.run_outputs(batch, heatmap=True, features=stats is not None)
@@ -247,7 +253,7 @@ class Ensemble:
             probs.append(p)
             maps.append(heat)
             distances.append(None if stats is None else stats.distances(feats))
-        fitted = [(d, s.threshold, w) for d, s, w in zip(distances, self._ood, self._weights) if s is not None]
+        fitted = [(d, s.threshold, w) for d, s, w in zip(distances, self.ood_stats, self._weights) if s is not None]
         count = len(batches[0])
         scores: list[Optional[float]] = [None] * count
         if fitted:
@@ -258,7 +264,7 @@ class Ensemble:
         """The graph that gives `member`'s heatmap: itself, its fp32 sibling, or none."""
         with self._explain_lock:
             if member.name not in self._map_sources:
-                self._map_sources[member.name] = map_source_for(self, member)
+                self._map_sources[member.name] = map_source_for(member, self.manifest, self.threads)
             return self._map_sources[member.name][0]
 
     def map_sources(self) -> dict[str, str]:
@@ -334,8 +340,3 @@ def _name_of(source: ImageSource) -> str:
         return str(source)
     return "<array>" if isinstance(source, np.ndarray) else "<bytes>"
 
-
-# The loaders live in pneumoedge.runtime.loading; they are re-exported here, where callers import them.
-from pneumoedge.runtime.loading import ModelRef, default_bundle_path, load  # noqa: E402
-
-__all__ = ["Ensemble", "LoadedMember", "ModelRef", "Prediction", "default_bundle_path", "load"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from pneumoedge.explain.overlay import write_png_atomic
-from pneumoedge.imageio import IMAGE_SUFFIXES
+from pneumoedge.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES
 from pneumoedge.runtime.engine import Engine, LocalEngine, Postprocess
 from pneumoedge.runtime.ensemble import Ensemble
 from pneumoedge.runtime.prediction import Prediction
@@ -135,23 +135,25 @@ def _classify(path: Path) -> tuple[str, str]:
     the 128-byte preamble. Their DICOMDIR index is listed as skipped, not as a failure.
     """
     suffix = path.suffix.lower()
-    if path.name.upper() == "DICOMDIR":
+    # A DICOMDIR is known by its content (pneumoedge.dicom.sniff_dicom), whatever its name.
+    dicom = _dicom_kind(path) if suffix not in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES else ""
+    if dicom == "dicomdir":
         return "skipped", "DICOMDIR: the index of a DICOM export, not an image"
-    if suffix in IMAGE_SUFFIXES:
-        return "image", ""
-    if _has_dicom_marker(path):
+    if suffix in IMAGE_SUFFIXES or dicom:
         return "image", ""
     return "skipped", f"not an image file ({suffix or 'no suffix'})"
 
 
-def _has_dicom_marker(path: Path) -> bool:
+def _dicom_kind(path: Path) -> str:
+    from pneumoedge.dicom import SNIFF_BYTES, sniff_dicom
+
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # never open a pipe: it would block
-            return False
+            return ""
         with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
+            return sniff_dicom(handle.read(SNIFF_BYTES))
     except OSError:  # unreadable or gone: classified by its suffix alone
-        return False
+        return ""
 
 
 #: Called after every row: (rows written, rows expected or None, the summary so far).

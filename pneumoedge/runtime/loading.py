@@ -8,22 +8,18 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, card_from_metadata, read_manifest
-from pneumoedge.runtime.members import LoadedMember, check_input_shape
-from pneumoedge.runtime.sessions import commit_optimized, create_session
+from pneumoedge.runtime.ensemble import Ensemble
 from pneumoedge.runtime.machine import file_stat, optimized_graph_file, remember_verified, verified_before
+from pneumoedge.runtime.members import LoadedMember, check_input_shape
+from pneumoedge.runtime.sessions import commit_optimized, open_model
 from pneumoedge.runtime.tuning import resolve, rule
 
-if TYPE_CHECKING:
-    from pneumoedge.runtime.ensemble import Ensemble
-
 ModelRef = Union[str, Path]
-_ORT_LOAD_ERRORS = (_ort_state.InvalidProtobuf, _ort_state.Fail, _ort_state.InvalidGraph, _ort_state.NoSuchFile, _ort_state.InvalidArgument)
 
 
 def default_bundle_path() -> Path:
@@ -76,11 +72,7 @@ def load(
         threshold, method = found.pop(), "from the models' metadata"
     else:
         threshold, method = 0.5, "default 0.5 (the ONNX files carry no shared threshold)"
-    from pneumoedge.runtime.ensemble import Ensemble
-
-    ensemble = Ensemble(members, threshold=threshold, threshold_method=method, threads=config.threads)
-    ensemble.configuration = config
-    return ensemble
+    return Ensemble(members, threshold=threshold, threshold_method=method, threads=config.threads, configuration=config)
 
 
 def _renamed(member: LoadedMember, name: str) -> LoadedMember:
@@ -93,17 +85,10 @@ def _metadata_threshold(session: ort.InferenceSession) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def open_session(path: Path, device: str, threads: Optional[int]) -> ort.InferenceSession:
-    try:
-        return create_session(path, device, threads)
-    except _ORT_LOAD_ERRORS as exc:
-        raise BundleError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
-
-
 def _load_onnx(path: Path, device: str, threads: Optional[int]) -> LoadedMember:
     if not path.is_file():
         raise BundleError(f"{path}: no such model file or bundle folder")
-    session = open_session(path, device, threads)
+    session = open_model(path, device, threads)
     card = card_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
     member = LoadedMember(path.stem, 1.0, card, session, str(path))
     check_input_shape(member)
@@ -122,13 +107,10 @@ def _load_bundle(root: Path, device: str, precision: str, threads: Union[int, No
         member = LoadedMember(entry.name, entry.weight, entry.card, session, str(entry.path), entry.precision)
         check_input_shape(member)
         members.append(member)
-    from pneumoedge.runtime.ensemble import Ensemble
-
-    ensemble = Ensemble(
-        members, threshold=manifest.threshold, threshold_method=manifest.threshold_method, manifest=manifest, threads=config.threads
+    return Ensemble(
+        members, threshold=manifest.threshold, threshold_method=manifest.threshold_method, manifest=manifest,
+        threads=config.threads, configuration=config,
     )
-    ensemble.configuration = config
-    return ensemble
 
 
 def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.InferenceSession:
@@ -142,7 +124,7 @@ def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.Infer
     size = os.path.getsize(entry.path)
     optimized = optimized_graph_file(entry.sha256, size, device)
     if optimized is not None and optimized.is_file() and verified_before(entry.path, entry.sha256):
-        session = _open_bytes(entry.path, str(entry.path), device, threads, optimized)
+        session = open_model(entry.path, device, threads, optimized_cache=optimized)
         commit_optimized(optimized, verified=True)  # a damaged cache file was rebuilt from the trusted file
         return session
     stat_before = file_stat(entry.path)
@@ -153,7 +135,7 @@ def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.Infer
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pneumoedge-sha256") as pool:
         digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
         try:
-            session: Optional[ort.InferenceSession] = _open_bytes(entry.path, data, device, threads, optimized)
+            session: Optional[ort.InferenceSession] = open_model(entry.path, device, threads, data=data, optimized_cache=optimized)
             failure = None
         except BundleError as exc:  # a changed file is reported as changed, not as unloadable
             session, failure = None, exc
@@ -171,11 +153,3 @@ def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.Infer
         )
     return session
 
-
-def _open_bytes(
-    path: Path, data: Union[bytes, str], device: str, threads: Optional[int], optimized: Optional[Path] = None
-) -> ort.InferenceSession:
-    try:
-        return create_session(data, device, threads, optimized_cache=optimized)
-    except _ORT_LOAD_ERRORS as exc:
-        raise BundleError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None

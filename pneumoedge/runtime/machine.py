@@ -30,11 +30,23 @@ class CpuInfo:
     model: str
     flags: tuple[str, ...]
     logical_cores: int
+    #: Distinct (package, core) pairs listed; 0 where /proc/cpuinfo does not say.
+    listed_cores: int = 0
+
+    @property
+    def physical_cores(self) -> int:
+        """Physical cores: as listed in /proc/cpuinfo, else the logical CPUs."""
+        return self.listed_cores or self.logical_cores
+
+    @property
+    def fast_int8_flags(self) -> tuple[str, ...]:
+        """This CPU's flags among `FAST_INT8_FLAGS`."""
+        return tuple(flag for flag in self.flags if flag in FAST_INT8_FLAGS)
 
     @property
     def fast_int8(self) -> bool:
         """Whether int8 kernels have hardware help here (VNNI or AMX, or Arm dot products)."""
-        return any(flag in self.flags for flag in FAST_INT8_FLAGS)
+        return bool(self.fast_int8_flags)
 
     @property
     def flags_text(self) -> str:
@@ -59,6 +71,7 @@ def cpu_info() -> CpuInfo:
 def parse_cpuinfo(text: str) -> CpuInfo:
     """A CpuInfo from /proc/cpuinfo's text (x86 "model name"/"flags", Arm "Features")."""
     model, flags = "", set()
+    cores, package = set(), ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
@@ -66,10 +79,15 @@ def parse_cpuinfo(text: str) -> CpuInfo:
             model = value.strip()
         elif key in ("flags", "features") and not flags:
             flags = set(value.split())
+        elif key == "physical id":
+            package = value.strip()
+        elif key == "core id":
+            cores.add((package, value.strip()))
     return CpuInfo(
         model=model or platform.processor() or platform.machine() or "unknown CPU",
         flags=tuple(f for f in SIMD_FLAGS if f in flags),
         logical_cores=os.cpu_count() or 1,
+        listed_cores=len(cores),
     )
 
 

@@ -18,6 +18,7 @@ data in these features and still be unlike it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
@@ -50,10 +51,37 @@ class OodStats:
         return int(self.mean.shape[0])
 
     def distances(self, features: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each row of `features` (N, C): the one scoring function."""
+        """Mahalanobis distance of each row of `features` (N, C): the run-time scoring function.
+
+        With the precision factored as L·Lᵀ, the squared distance xᵀ·P·x is |xᵀ·L|², so a batch
+        costs one float32 GEMM (BLAS, all cores) instead of a three-operand float64 einsum over
+        C x C, which ran without BLAS at 23 ms per image for C = 2048. The result equals
+        `exact_distances` to about 1e-5 relative (a test holds it).
+        """
+        centred = np.asarray(features, dtype=np.float32).reshape(len(features), -1) - self._mean32
+        whitened = centred @ self._whitener
+        return np.sqrt(np.einsum("nc,nc->n", whitened, whitened, dtype=np.float64))
+
+    def exact_distances(self, features: np.ndarray) -> np.ndarray:
+        """The same distances in float64 straight from the precision matrix. Export fits its
+        threshold with these, so a rebuilt bundle's statistics are identical bit for bit."""
         centred = np.asarray(features, dtype=np.float64).reshape(len(features), -1) - self.mean
         squared = np.einsum("nc,cd,nd->n", centred, self.precision, centred)
         return np.sqrt(np.maximum(squared, 0.0))
+
+    @cached_property
+    def _mean32(self) -> np.ndarray:
+        return self.mean.astype(np.float32)
+
+    @cached_property
+    def _whitener(self) -> np.ndarray:
+        """L with precision = L·Lᵀ (Cholesky), float32; computed once, on first use."""
+        try:
+            factor = np.linalg.cholesky(self.precision)
+        except np.linalg.LinAlgError:  # not positive definite in floating point: a symmetric square root
+            values, vectors = np.linalg.eigh(self.precision)
+            factor = vectors * np.sqrt(np.maximum(values, 0.0))
+        return np.ascontiguousarray(factor, dtype=np.float32)
 
     def save(self, path: Union[str, Path]) -> Path:
         with open(path, "wb") as handle:
@@ -71,7 +99,9 @@ class OodStats:
             raise OodError(f"{path}: unreadable out-of-distribution statistics ({exc})") from None
         if mean.ndim != 1 or precision.shape != (mean.shape[0], mean.shape[0]) or not threshold > 0:
             raise OodError(f"{path}: out-of-distribution statistics have inconsistent shapes {mean.shape}, {precision.shape}")
-        return cls(mean, precision, threshold)
+        stats = cls(mean, precision, threshold)
+        stats._whitener  # factor once at load, not in the first batch's runner threads
+        return stats
 
 
 def ledoit_wolf_shrinkage(centred: np.ndarray) -> float:
@@ -116,7 +146,7 @@ def fit(
     precision = np.linalg.inv(shrunk)
     precision = (precision + precision.T) / 2.0
     partial = OodStats(mean, precision, 1.0)
-    held_distances = partial.distances(held_rows)
+    held_distances = partial.exact_distances(held_rows)
     threshold = float(np.percentile(held_distances, percentile))
     stats = OodStats(mean, precision, max(threshold, 1e-12))
     meta = {

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from pneumoedge.bundle import BundleError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,26 @@ def create_session(
             )
         log.warning("CUDA provider did not load; running on CPU")
     return session
+
+
+#: onnxruntime's errors for a file that is not a loadable model (as opposed to device errors).
+MODEL_LOAD_ERRORS = (ort_state.InvalidProtobuf, ort_state.Fail, ort_state.InvalidGraph, ort_state.NoSuchFile, ort_state.InvalidArgument)
+
+
+def open_model(
+    path: Union[str, Path],
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    *,
+    data: Optional[bytes] = None,
+    optimized_cache: Optional[Path] = None,
+) -> ort.InferenceSession:
+    """`create_session` for a model file (or its bytes `data`, already read from `path`); a file
+    onnxruntime cannot load is a `BundleError` naming `path`."""
+    try:
+        return create_session(data if data is not None else path, device, threads, optimized_cache=optimized_cache)
+    except MODEL_LOAD_ERRORS as exc:
+        raise BundleError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
 
 
 def _cached_cpu_session(source: Union[str, bytes], options: ort.SessionOptions, cache: Path) -> ort.InferenceSession:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,8 +26,6 @@ import onnxruntime as ort
 from pneumoedge.atomic import write_atomic
 from pneumoedge.bundle import MANIFEST, Manifest
 from pneumoedge.runtime.machine import CpuInfo, cache_dir, cpu_info
-# Start-up caches live in machine.py; re-exported because the loading code imports them from here.
-from pneumoedge.runtime.machine import file_stat, optimized_graph_file, remember_verified, verified_before  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +126,7 @@ def rule(
     else:
         passed, passed_why = int8_passed(manifest)
         if passed and cpu.fast_int8:
-            precision, why = "int8", f"{passed_why}; this CPU has {'/'.join(f for f in cpu.flags if f in ('avx512_vnni', 'avx_vnni', 'amx_int8', 'asimddp', 'i8mm'))}"
+            precision, why = "int8", f"{passed_why}; this CPU has {'/'.join(cpu.fast_int8_flags)}"
         elif passed:
             precision, why = "fp32", "no VNNI/AMX on this CPU: int8 kernels are usually slower than fp32 here"
         else:
@@ -261,129 +258,3 @@ def resolve(
     for warning in config.warnings:
         log.warning("%s", warning)
     return config
-
-
-# -- measuring -------------------------------------------------------------------------------
-
-
-@dataclass
-class TuneResult:
-    """What `tune` measured and chose, and where it was stored."""
-
-    choice: Configuration
-    measured: list[dict[str, Any]]
-    skipped: list[dict[str, Any]]
-    stored: Optional[Path]
-    seconds: float
-    images: int
-
-
-def candidates(manifest: Manifest, cores: int) -> list[tuple[str, Optional[int], int]]:
-    """(precision, threads, batch) to try, most promising first, so a short budget still compares
-    both precisions and both ways of using the cores before it tries other batch sizes."""
-    passed, _ = int8_passed(manifest)
-    precisions = [p for p in manifest.precisions if p == "fp32" or (p == "int8" and passed)] or list(manifest.precisions)
-    threads_options: list[Optional[int]] = [1, cores] if cores > 1 else [1]
-    order = []
-    for batch in (8, 2):
-        for threads in threads_options:
-            for precision in precisions:
-                order.append((precision, threads, batch))
-    return order
-
-
-def _load_average() -> Optional[float]:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-def tune(
-    bundle: Any,
-    *,
-    device: str = "cpu",
-    budget_s: float = 30.0,
-    images: Optional[Sequence[Path]] = None,
-    progress: Any = None,
-    save: bool = True,
-) -> TuneResult:
-    """Measure folder throughput (decode + models, through `predict_many`) of each candidate on
-    X-ray-sized images within about `budget_s` seconds; store and return the fastest.
-
-    `images` default: generated phantoms at 1400x1200 (synthetic, timing only). Rounds over all
-    candidates repeat while the budget lasts and each keeps its best figure (noise on a shared
-    computer only ever slows a run down). `progress(text)` is called as candidates finish.
-    """
-    import time
-
-    from pneumoedge.bundle import read_manifest
-    from pneumoedge.runtime.ensemble import load
-
-    say = progress or (lambda text: None)
-    started = time.perf_counter()
-    manifest = read_manifest(bundle)
-    scratch = None
-    if images is None:
-        from pneumoedge.runtime.bench import write_phantoms
-
-        scratch = tempfile.TemporaryDirectory(prefix="pneumoedge-tune-")
-        images = write_phantoms(Path(scratch.name), n=8)
-    try:
-        cores = os.cpu_count() or 1
-        todo = candidates(manifest, cores)
-        stream = [images[i % len(images)] for i in range(max(16, len(images)))]
-        best: dict[tuple, dict[str, Any]] = {}
-        loaded: dict[tuple, Any] = {}
-        rounds = 0
-        while time.perf_counter() - started < budget_s and rounds < 3:
-            rounds += 1
-            for precision, threads, batch in todo:
-                # Over budget: stop, once each precision has one figure (the first candidates).
-                if time.perf_counter() - started >= budget_s and len(best) >= min(2, len(todo)):
-                    break
-                key = (precision, threads)
-                if key not in loaded:
-                    loaded.clear()  # one ensemble's sessions at a time: memory stays that of one model
-                    loaded[key] = load(bundle, device=device, precision=precision, threads=threads)
-                ensemble = loaded[key]
-                for _ in ensemble.predict_many(stream[:batch], batch_size=batch):
-                    pass  # warm-up: first runs allocate
-                load_avg = _load_average()
-                t0 = time.perf_counter()
-                ok = sum(p.status == "ok" for p in ensemble.predict_many(stream, batch_size=batch))
-                seconds = time.perf_counter() - t0
-                row = {"precision": precision, "threads": threads, "runners": Configuration(precision, threads, batch, "", "").runners,
-                       "batch": batch, "images": len(stream), "ok": ok, "seconds": round(seconds, 4),
-                       "images_per_s": round(len(stream) / seconds, 2), "load_average": load_avg}
-                old = best.get((precision, threads, batch))
-                if old is None or row["images_per_s"] > old["images_per_s"]:
-                    best[(precision, threads, batch)] = row
-                say(f"{precision} threads {threads} batch {batch}: {row['images_per_s']:.1f} images/s (load {load_avg})")
-        loaded.clear()
-        measured = list(best.values())
-        skipped = [{"precision": p, "threads": t, "batch": b} for p, t, b in todo if (p, t, b) not in best]
-        choice = _choose(measured)
-        path = store(manifest, device, choice, measured, rounds=rounds, budget_s=budget_s, cpu_flags=cpu_info().flags_text) if save else None
-        return TuneResult(choice, measured, skipped, path, time.perf_counter() - started, len(stream))
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-
-
-def _choose(measured: list[dict[str, Any]]) -> Configuration:
-    """The fastest row; int8 only when it beats the fastest fp32 by `INT8_MARGIN`."""
-    if not measured:
-        raise ValueError("nothing was measured (budget too small?)")
-    fastest = max(measured, key=lambda r: r["images_per_s"])
-    fp32 = [r for r in measured if r["precision"] == "fp32"]
-    reason = f"{fastest['images_per_s']:.1f} images/s"
-    if fastest["precision"] == "int8" and fp32:
-        best_fp32 = max(fp32, key=lambda r: r["images_per_s"])
-        if fastest["images_per_s"] < best_fp32["images_per_s"] * (1 + INT8_MARGIN):
-            reason = f"int8 {fastest['images_per_s']:.1f} vs fp32 {best_fp32['images_per_s']:.1f} images/s: within {INT8_MARGIN:.0%}, fp32 kept"
-            fastest = best_fp32
-        else:
-            reason = f"int8 {fastest['images_per_s']:.1f} vs fp32 {best_fp32['images_per_s']:.1f} images/s"
-    return Configuration(fastest["precision"], fastest["threads"], fastest["batch"], "tuned", reason)
-

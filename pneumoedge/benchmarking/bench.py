@@ -12,23 +12,22 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
-import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
-import cv2
 import numpy as np
-import onnxruntime as ort
 
+from pneumoedge.benchmarking.measure import BenchError, library_versions, machine_info, peak_rss_mb, summarize, time_calls
 from pneumoedge.explain.overlay import encode_png
-from pneumoedge.imageio import IMAGE_SUFFIXES
 from pneumoedge.preprocessing import to_tensor
-from pneumoedge.runtime.ensemble import Ensemble, ModelRef, load
+from pneumoedge.runtime.ensemble import Ensemble
+from pneumoedge.runtime.folder import overlay_writer
+from pneumoedge.runtime.loading import ModelRef, load
+from pneumoedge.runtime.results import ResultWriter
 from pneumoedge.runtime.sessions import create_session
 
 #: Version of the JSON layout below; bump it when a key changes meaning or disappears.
@@ -46,172 +45,16 @@ BENCH_SCHEMA_DOC = """\
               split: {decode_fraction, tensors_fraction, model_fraction},
               throughput: {images, batch, seconds, images_per_s},
               explain: null (model without heatmaps) | {end_to_end_ms: STATS (predict with explain=True, overlay
-                       rendered and PNG-encoded), throughput: {images, batch, seconds, images_per_s} (overlays
+                       rendered and PNG-encoded), overlay_ms: STATS (rendering + PNG only), throughput: {images, batch, seconds, images_per_s} (overlays
                        written to a temporary folder, as `infer --heatmaps`), overlay_side,
                        end_to_end_ratio (median explain / median plain), throughput_ratio (plain / explain)},
               ood: null (no statistics) | {with_ood_ms: STATS, without_ood_ms: STATS (all members, batch 1: the
                    features output fetched and scored, or not), cost_ms (median difference),
-                   fraction_of_end_to_end}},
+                   fraction_of_end_to_end},
+              stages_ms: {decode, preprocess, model, ood, heatmap, overlay, row}: one image's milliseconds per stage
+                   (batch 1, medians; null where the model has no such stage)},
  "memory": {peak_rss_mb}}
 STATS = {count, min, mean, std, p50, p90, p95, p99, max} in milliseconds."""
-
-STAT_KEYS = ("count", "min", "mean", "std", "p50", "p90", "p95", "p99", "max")
-_PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99}
-
-
-class BenchError(ValueError):
-    """Bench settings that cannot be run (shown to the user as one line)."""
-
-
-def summarize(seconds: Sequence[float]) -> dict[str, float]:
-    """Latency statistics in milliseconds (keys `STAT_KEYS`) of per-run times in seconds."""
-    if not len(seconds):
-        raise BenchError("no timings to summarise")
-    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
-    stats: dict[str, float] = {"count": int(ms.size), "min": float(ms.min()), "mean": float(ms.mean()), "std": float(ms.std())}
-    for key, q in _PERCENTILES.items():
-        stats[key] = float(np.percentile(ms, q))
-    stats["max"] = float(ms.max())
-    # Rounding noise must not break min <= mean <= max for a constant series.
-    stats["mean"] = min(max(stats["mean"], stats["min"]), stats["max"])
-    return {k: stats[k] for k in STAT_KEYS}
-
-
-def time_calls(fn: Callable[[int], Any], runs: int, warmup: int = 0) -> list[float]:
-    """Call `fn(i)` `warmup` times untimed, then `runs` times; return each timed call's seconds."""
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(runs):
-        start = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def peak_rss_mb() -> Optional[float]:
-    """This process's peak resident memory so far, in MiB (None where the OS does not say)."""
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0  # macOS: bytes; Linux: KiB
-    except ImportError:  # Windows: psutil is optional there
-        try:
-            import psutil
-
-            return psutil.Process().memory_info().peak_wset / 2**20
-        except Exception:
-            return None
-
-
-def rss_mb() -> Optional[float]:
-    """Current resident memory in MiB (Linux /proc; psutil elsewhere when installed)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, AttributeError):
-        try:
-            import psutil
-
-            return psutil.Process().memory_info().rss / 2**20
-        except Exception:
-            return None
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (Linux /proc/cpuinfo, else what `platform` says)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def physical_cores() -> int:
-    """Physical cores (psutil when installed; else distinct core ids in /proc/cpuinfo; else logical CPUs)."""
-    try:
-        import psutil
-
-        count = psutil.cpu_count(logical=False)
-        if count:
-            return int(count)
-    except ImportError:
-        pass
-    try:
-        cores = set()
-        physical = core = None
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    physical = value.strip()
-                elif key == "core id":
-                    core = value.strip()
-                    cores.add((physical, core))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
-
-
-def machine_info() -> dict[str, Any]:
-    from pneumoedge.runtime.machine import cpu_info
-
-    return {
-        "cpu": cpu_model(),
-        "simd": cpu_info().flags_text,  # VNNI/AMX decide whether int8 is fast here
-        "fast_int8": cpu_info().fast_int8,
-        "physical_cores": physical_cores(),
-        "logical_cores": os.cpu_count() or 1,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def library_versions() -> dict[str, str]:
-    from pneumoedge import __version__
-
-    return {"pneumoedge": __version__, "onnxruntime": ort.__version__, "numpy": np.__version__, "opencv": cv2.__version__}
-
-
-def find_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursive, sorted, by suffix)."""
-    if not folder.is_dir():
-        raise BenchError(f"--images {folder}: no such folder")
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not found:
-        raise BenchError(f"--images {folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return found
-
-
-def write_phantoms(folder: Path, n: int = 6, size: tuple[int, int] = (1400, 1200), seed: int = 7) -> list[Path]:
-    """Write `n` synthetic chest X-ray phantoms at real X-ray size (JPEG, the last a 16-bit PNG).
-
-    Synthetic, not patients: decode cost at realistic size is what matters for latency.
-    """
-    from pneumoedge.datasets.phantoms import KINDS, render_phantom
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        sixteen = n > 1 and i == n - 1
-        pixels = render_phantom(rng, KINDS[i % len(KINDS)], size[0], size[1], sixteen_bit=sixteen)
-        path = folder / (f"phantom_{i:02d}" + (".png" if sixteen else ".jpeg"))
-        params = [cv2.IMWRITE_PNG_COMPRESSION, 3] if sixteen else [cv2.IMWRITE_JPEG_QUALITY, 90]
-        ok, data = cv2.imencode(path.suffix, pixels, params)
-        if not ok:
-            raise RuntimeError(f"OpenCV could not encode {path}")
-        path.write_bytes(data.tobytes())
-        paths.append(path)
-    return paths
-
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -290,7 +133,7 @@ def _ood_figures(ensemble: Ensemble, singles: Sequence[Sequence[np.ndarray]], se
     """What the out-of-distribution score adds to a prediction: its features fetched and scored."""
     if not ensemble.can_flag_ood:
         return None
-    stats = ensemble._ood
+    stats = ensemble.ood_stats
     n = len(singles)
 
     def with_ood(i: int) -> None:
@@ -312,13 +155,13 @@ def _ood_figures(ensemble: Ensemble, singles: Sequence[Sequence[np.ndarray]], se
 
 def _explain_figures(ensemble: Ensemble, images: Sequence[Path], settings: BenchSettings, plain_e2e: Sequence[float], plain_tp: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Explain mode beside the plain figures: heatmaps, overlay and PNG included."""
-    from pneumoedge.runtime.folder import overlay_writer
-
     if not ensemble.can_explain:
         return None
     side = 768  # infer --heatmaps' default
     n = len(images)
     e2e = time_calls(lambda i: encode_png(ensemble.predict(images[i % n], explain=True).overlay(side)), settings.runs, settings.warmup)
+    explained = [ensemble.predict(path, explain=True) for path in images]
+    overlay = time_calls(lambda i: encode_png(explained[i % n].overlay(side)), settings.runs, 1)
     count = max(settings.throughput_images, n)
     stream = list(itertools.islice(itertools.cycle(images), count))
     with tempfile.TemporaryDirectory(prefix="pneumoedge-bench-overlays-") as tmp:
@@ -329,11 +172,70 @@ def _explain_figures(ensemble: Ensemble, images: Sequence[Path], settings: Bench
     throughput = {"images": count, "ok": done, "batch": settings.batch, "seconds": seconds, "images_per_s": count / seconds}
     return {
         "end_to_end_ms": summarize(e2e),
+        "overlay_ms": summarize(overlay),
         "throughput": throughput,
         "overlay_side": side,
         "end_to_end_ratio": float(np.median(e2e) / np.median(plain_e2e)),
         "throughput_ratio": float(plain_tp["images_per_s"] / throughput["images_per_s"]),
     }
+
+
+def _row_seconds(ensemble: Ensemble, images: Sequence[Path], runs: int) -> list[float]:
+    """Writing one result row (CSV, as `infer` does) to a file."""
+    predictions = [ensemble.predict(path) for path in images[:4]]
+    writer = ResultWriter("csv", ensemble.labels, [m.name for m in ensemble.members])
+    with tempfile.TemporaryDirectory(prefix="pneumoedge-bench-rows-") as tmp:
+        writer.open(Path(tmp) / "rows.csv", overwrite=True)
+        try:
+            return time_calls(lambda i: writer.write(predictions[i % len(predictions)]), runs, 1)
+        finally:
+            writer.close()
+
+
+def stages(ensemble_figures: dict[str, Any], row_ms: float) -> dict[str, Optional[float]]:
+    """Where each millisecond of one image goes (batch 1, medians): decode, preprocess, model,
+    out-of-distribution score, heatmap, overlay PNG, result row. None: the model has no such stage."""
+    e = ensemble_figures
+    ood, explain = e.get("ood"), e.get("explain")
+    heatmap = overlay = None
+    if explain:
+        overlay = explain["overlay_ms"]["p50"]
+        heatmap = max(0.0, explain["end_to_end_ms"]["p50"] - e["end_to_end_ms"]["p50"] - overlay)
+    return {
+        "decode": e["decode_ms"]["p50"],
+        "preprocess": e["tensors_ms"]["p50"],
+        "model": e["model_only_ms"]["p50"],
+        "ood": ood["cost_ms"] if ood else None,
+        "heatmap": heatmap,
+        "overlay": overlay,
+        "row": row_ms,
+    }
+
+
+def _ensemble_figures(ensemble: Ensemble, images: Sequence[Path], decoded: list[dict], settings: BenchSettings) -> dict[str, Any]:
+    n = len(images)
+    decode_t = time_calls(lambda i: ensemble.decode(images[i % n]), settings.runs, 1)
+    tensors_t = time_calls(lambda i: ensemble.tensors(decoded[i % n]), settings.runs, 1)
+    singles = [[t[None] for t in ensemble.tensors(d)] for d in decoded]
+    model_t = time_calls(lambda i: ensemble.run_tensors(singles[i % n]), settings.runs, settings.warmup)
+    e2e_t = time_calls(lambda i: ensemble.predict(images[i % n]), settings.runs, settings.warmup)
+    parts = {"decode": float(np.median(decode_t)), "tensors": float(np.median(tensors_t)), "model": float(np.median(model_t))}
+    total = sum(parts.values()) or 1.0
+    throughput = _throughput(ensemble, images, settings)
+    figures = {
+        "provider": ensemble.provider,
+        "decode_reductions": sorted({m.card.spec.decode_reduction for m in ensemble.members}),
+        "decode_ms": summarize(decode_t),
+        "tensors_ms": summarize(tensors_t),
+        "model_only_ms": summarize(model_t),
+        "end_to_end_ms": summarize(e2e_t),
+        "split": {f"{k}_fraction": v / total for k, v in parts.items()},
+        "throughput": throughput,
+        "explain": _explain_figures(ensemble, images, settings, e2e_t, throughput),
+        "ood": _ood_figures(ensemble, singles, settings, e2e_t),
+    }
+    figures["stages_ms"] = stages(figures, float(np.median(_row_seconds(ensemble, images, settings.runs))) * 1000.0)
+    return figures
 
 
 def run_bench(
@@ -358,16 +260,7 @@ def run_bench(
     decoded = [ensemble.decode(p) for p in images]  # raises ImageError for a bad file: bench needs readable images
     megapixels = float(np.mean([next(iter(d.values())).shape[0] * next(iter(d.values())).shape[1] for d in decoded])) / 1e6
     members = _member_figures(ensemble, decoded, settings)
-
-    n = len(images)
-    decode_t = time_calls(lambda i: ensemble.decode(images[i % n]), settings.runs, 1)
-    tensors_t = time_calls(lambda i: ensemble.tensors(decoded[i % n]), settings.runs, 1)
-    singles = [[t[None] for t in ensemble.tensors(d)] for d in decoded]
-    model_t = time_calls(lambda i: ensemble.run_tensors(singles[i % n]), settings.runs, settings.warmup)
-    e2e_t = time_calls(lambda i: ensemble.predict(images[i % n]), settings.runs, settings.warmup)
-    parts = {"decode": float(np.median(decode_t)), "tensors": float(np.median(tensors_t)), "model": float(np.median(model_t))}
-    throughput = _throughput(ensemble, images, settings)
-    total = sum(parts.values()) or 1.0
+    figures = _ensemble_figures(ensemble, images, decoded, settings)
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -382,36 +275,11 @@ def run_bench(
             "precision": settings.precision,
             "runs": settings.runs,
             "warmup": settings.warmup,
-            "images": n,
+            "images": len(images),
             "images_source": images_source,
             "megapixels_mean": megapixels,
         },
         "members": members,
-        "ensemble": {
-            "load_ms": load_s * 1000.0,
-            "first_inference_ms": first_s * 1000.0,
-            "provider": ensemble.provider,
-            "decode_reductions": sorted({m.card.spec.decode_reduction for m in ensemble.members}),
-            "decode_ms": summarize(decode_t),
-            "tensors_ms": summarize(tensors_t),
-            "model_only_ms": summarize(model_t),
-            "end_to_end_ms": summarize(e2e_t),
-            "split": {f"{k}_fraction": v / total for k, v in parts.items()},
-            "throughput": throughput,
-            "explain": _explain_figures(ensemble, images, settings, e2e_t, throughput),
-            "ood": _ood_figures(ensemble, singles, settings, e2e_t),
-        },
+        "ensemble": {"load_ms": load_s * 1000.0, "first_inference_ms": first_s * 1000.0, **figures},
         "memory": {"peak_rss_mb": peak_rss_mb()},
     }
-
-
-def bench_images(folder: Optional[Path]) -> tuple[list[Path], str, Optional[tempfile.TemporaryDirectory]]:
-    """The images to use: those under `folder`, or freshly written phantoms in a temporary folder.
-
-    Returns (paths, description, the temporary folder to clean up or None).
-    """
-    if folder is not None:
-        return find_images(folder), str(folder), None
-    scratch = tempfile.TemporaryDirectory(prefix="pneumoedge-bench-")
-    paths = write_phantoms(Path(scratch.name))
-    return paths, f"{len(paths)} generated phantoms 1400x1200 (5 JPEG, 1 16-bit PNG)", scratch
