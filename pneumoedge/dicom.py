@@ -14,8 +14,13 @@ as it is, whatever the spec's `high_bit_depth` says, for training and runtime al
 
 from __future__ import annotations
 
+import contextlib
 import io
-from typing import Any
+import logging
+import struct
+import threading
+import warnings
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -25,6 +30,8 @@ _INSTALL = "reading DICOM needs pydicom: pip install 'pneumoedge[dicom]'"
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
 _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+#: How many leading bytes `sniff_dicom` needs to see a DICOMDIR's file meta (it is well under 1 KiB).
+SNIFF_BYTES = 1024
 
 #: Modalities of projection radiographs (chest X-rays among them): Computed and Digital Radiography.
 RADIOGRAPH_MODALITIES = ("CR", "DX")
@@ -58,6 +65,133 @@ _MODALITY_NAMES = {
 }
 
 
+def sniff_dicom(head: bytes) -> str:
+    """What the first bytes of a file say, by content only (no pydicom, never the file name).
+
+    "dicomdir": a DICOMDIR (Media Storage SOP Class 1.2.840.10008.1.3.10 in its file meta, or a
+    bare data set that starts with the directory's group 0004); "dicom": another DICOM file
+    ("DICM" after the 128-byte preamble, or a bare data set that starts with a group 0002 or
+    0008 element, little or big endian); "": not DICOM. `head`: at least `SNIFF_BYTES` bytes
+    when the file has them.
+    """
+    if head[128:132] == b"DICM":
+        return "dicomdir" if _meta_sop_class(head, 132) == _DICOMDIR_CLASS else "dicom"
+    group = _bare_first_group(head)
+    if group == 0x0004:
+        return "dicomdir"
+    if group == 0x0002:
+        return "dicomdir" if _meta_sop_class(head, 0) == _DICOMDIR_CLASS else "dicom"
+    return "dicom" if group == 0x0008 else ""
+
+
+def _bare_first_group(head: bytes) -> int:
+    """The group of a bare data set's first element (-1 when it does not look like one).
+
+    Little endian, explicit or implicit VR; or big endian, which is always explicit VR. An
+    element number under 0x0100 and a VR of two upper-case letters (or, implicit, a small
+    length) rule out most other content.
+    """
+    if len(head) < 8:
+        return -1
+    explicit = head[4:6].isalpha() and head[4:6].isupper()
+    little_group, little_element = struct.unpack_from("<HH", head)
+    if little_group in (0x0002, 0x0004, 0x0008) and little_element < 0x0100:
+        if explicit or struct.unpack_from("<I", head, 4)[0] < 1024:
+            return little_group
+    big_group, big_element = struct.unpack_from(">HH", head)
+    if big_group in (0x0002, 0x0004, 0x0008) and big_element < 0x0100 and explicit:
+        return big_group
+    return -1
+
+
+def _meta_sop_class(head: bytes, at: int) -> str:
+    """Media Storage SOP Class UID from the file meta (group 0002, explicit VR little endian) at `at`."""
+    while at + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, at)
+        if group != 0x0002:
+            return ""
+        vr = head[at + 4 : at + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            if at + 12 > len(head):
+                return ""
+            length, at = struct.unpack_from("<I", head, at + 8)[0], at + 12
+        else:
+            length, at = struct.unpack_from("<H", head, at + 6)[0], at + 8
+        if element == 0x0002:
+            return head[at : at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        at += length
+    return ""
+
+
+_local = threading.local()
+_hooks_lock = threading.Lock()
+_hooked = False
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[list[str]]:
+    """Collect what pydicom logs and warns in this thread (once each, no tracebacks) instead of printing it.
+
+    pydicom reports a file's oddities twice (its logger and `warnings`) and logs a decoder's
+    traceback; for pneumoedge they belong in that file's row, not on the terminal. The
+    messages go to the yielded list. Outside this context pydicom behaves as usual. Thread-safe:
+    the collection is per thread, the hooks are installed once.
+    """
+    _install_hooks()
+    previous = getattr(_local, "notes", None)
+    notes: list[str] = []
+    _local.notes = notes
+    try:
+        yield notes
+    finally:
+        _local.notes = previous
+
+
+def _note(message: str) -> bool:
+    """Add `message` to this thread's collection; False when none is active."""
+    notes = getattr(_local, "notes", None)
+    if notes is None:
+        return False
+    text = " ".join(str(message).split())
+    if text and text not in notes:
+        notes.append(text)
+    return True
+
+
+class _PydicomRelay(logging.Handler):
+    """On the "pydicom" logger: collects while `quiet_pydicom` is active, else passes records on as usual."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _note(record.getMessage()):
+            return
+        for handler in logging.getLogger().handlers:  # what propagation to the root would have done
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def _install_hooks() -> None:
+    global _hooked
+    with _hooks_lock:
+        if _hooked:
+            return
+        logger = logging.getLogger("pydicom")
+        logger.addHandler(_PydicomRelay())
+        logger.propagate = False
+        shown = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+            if not _note(str(message)):
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        _hooked = True
+
+
+def _with_notes(reason: str, notes: list[str]) -> str:
+    extra = [n for n in notes if n not in reason]
+    return f"{reason} (pydicom: {'; '.join(extra)})" if extra else reason
+
+
 def decode_dicom(data: bytes, *, max_pixels: int, voi: str = "file") -> np.ndarray:
     """Render a single-frame DICOM image to float32 0..255, (H, W) gray or (H, W, 3) RGB.
 
@@ -70,17 +204,27 @@ def decode_dicom(data: bytes, *, max_pixels: int, voi: str = "file") -> np.ndarr
         import pydicom
     except ImportError:
         raise ImageError(f"this is a DICOM file, and {_INSTALL}") from None
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        _ensure_transfer_syntax(ds)
-        _check_single_image(ds, max_pixels)
-        return _render(np.asarray(ds.pixel_array), ds, voi)
-    except ImageError:
-        raise
-    # pydicom parses untrusted bytes and raises many types on a corrupt file (ValueError,
-    # KeyError, struct.error, ...): each is a per-file problem to report, never a crash of the run.
-    except Exception as exc:  # noqa: BLE001
-        raise ImageError(f"cannot read the DICOM file: {_short(exc)}") from None
+    with quiet_pydicom() as notes:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            _ensure_transfer_syntax(ds)
+            _check_single_image(ds, max_pixels)
+        except ImageError as exc:
+            raise ImageError(_with_notes(str(exc), notes)) from None
+        # pydicom parses untrusted bytes and raises many types on a corrupt file (ValueError,
+        # KeyError, struct.error, ...): each is a per-file problem to report, never a crash of the run.
+        except Exception as exc:  # noqa: BLE001
+            raise ImageError(_with_notes(f"cannot read the DICOM file: {_short(exc)}", notes)) from None
+        try:
+            stored = np.asarray(ds.pixel_array)
+        except Exception as exc:  # noqa: BLE001 - a decoder's failure, named with what else could decode it
+            raise ImageError(_with_notes(_pixel_failure(ds, exc), notes)) from None
+        try:
+            return _render(stored, ds, voi)
+        except ImageError as exc:
+            raise ImageError(_with_notes(str(exc), notes)) from None
+        except Exception as exc:  # noqa: BLE001
+            raise ImageError(_with_notes(f"cannot render the DICOM image: {_short(exc)}", notes)) from None
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:
@@ -131,10 +275,44 @@ def _check_decoder(syntax: Any) -> None:
     except NotImplementedError:
         raise ImageError(f"compressed DICOM in a transfer syntax pydicom cannot decode ({syntax.name})") from None
     if not decoder.is_available:
-        options = "; or ".join(d.split(" - requires ", 1)[-1] for d in decoder.missing_dependencies)
-        raise ImageError(
-            f"compressed DICOM ({syntax.name}) and no decoder for it is installed: pip install {options}"
-        )
+        raise ImageError(f"compressed DICOM ({syntax.name}) and no decoder for it is installed: {install_hint(syntax)}")
+
+
+#: pydicom's names for decoder plugins -> what `pip install` takes.
+_PIP_NAMES = {"gdcm": "python-gdcm"}
+
+
+def install_hint(syntax: Any) -> str:
+    """What to install for another decoder of `syntax`, from pydicom's own list, as pip commands."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        missing = get_decoder(syntax).missing_dependencies
+    except NotImplementedError:
+        return "no decoder for it is known to pydicom"
+    commands = []
+    for entry in missing:  # "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0"
+        packages = entry.split(" - requires ", 1)[-1].split(" and ")
+        names = [_PIP_NAMES.get(p.split(">")[0].split("=")[0].strip(), p.split(">")[0].split("=")[0].strip()) for p in packages]
+        commands.append("pip install " + " ".join(names))
+    return "; or ".join(commands) if commands else "no other decoder for it is known to pydicom"
+
+
+def _pixel_failure(ds: Any, exc: Exception) -> str:
+    """The reason for a pixel decode that failed: for compressed data, which decoder failed and what else to install."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not getattr(syntax, "is_compressed", False):
+        return f"cannot read the DICOM pixel data: {_short(exc)}"
+    from pydicom.pixels import get_decoder
+
+    try:
+        used = ", ".join(get_decoder(syntax).available_plugins) or "none"
+    except NotImplementedError:
+        used = "none"
+    return (
+        f"cannot decode the compressed DICOM pixel data ({syntax.name}) with the installed decoder ({used}): "
+        f"{_short(exc)}; another decoder may read it: {install_hint(syntax)}"
+    )
 
 
 def _render(stored: np.ndarray, ds: Any, voi: str) -> np.ndarray:

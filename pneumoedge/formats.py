@@ -110,14 +110,10 @@ def check_size(width: int, height: int, max_pixels: int, what: str) -> None:
 
 
 def _looks_like_bare_dicom(data: bytes) -> bool:
-    # DICOM without the 128-byte preamble and "DICM" starts with a group 0x0002 or 0x0008
-    # element, little endian; explicit VR files then carry a two-letter upper-case VR.
-    if len(data) < 8 or data[:2] not in (b"\x02\x00", b"\x08\x00") or data[3:4] != b"\x00":
-        return False
-    vr = data[4:6]
-    if vr.isalpha() and vr.isupper():
-        return True
-    return struct.unpack_from("<I", data, 4)[0] < 1024  # implicit VR: a small element length
+    # DICOM without the 128-byte preamble and "DICM" (little or big endian): pneumoedge.dicom's sniff.
+    from pneumoedge.dicom import sniff_dicom
+
+    return sniff_dicom(data[:1024]) != ""
 
 
 def _describe_non_image(data: bytes) -> str:

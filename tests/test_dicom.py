@@ -111,7 +111,7 @@ def test_compressed_dicom_without_decoder_names_the_package() -> None:
         ("report", "DICOM object with no image (Basic Text SR"),
         ("dicomdir", "a DICOMDIR (the index of a DICOM export), not an image"),
         ("huge", "declared size 65535x65535"),
-        ("truncated", "cannot read the DICOM file: The number of bytes of pixel data is less than expected"),
+        ("truncated", "cannot read the DICOM pixel data: The number of bytes of pixel data is less than expected"),
         ("not_dicom", "DICOM object with no image"),
         ("ct", "modality CT (computed tomography) is not a projection radiograph (CR or DX)"),
         ("mr", "modality MR (magnetic resonance) is not a projection radiograph"),
@@ -237,3 +237,111 @@ def test_training_scan_takes_dicom_and_feeds_the_same_tensor(tmp_path: Path) -> 
     spec = PreprocessSpec(height=32, width=32)
     expected = preprocess(_CACHED_DICOM, spec)
     np.testing.assert_array_equal(preprocess(samples[0].path, spec), expected)
+
+
+def _bare(syntax_little: bool, explicit: bool = True) -> bytes:
+    """TWELVE as a bare data set (no preamble, no file meta), in the given byte order."""
+    from pydicom.filewriter import dcmwrite
+
+    ds = dcmread(io.BytesIO(dicom_bytes(TWELVE, bits_stored=12, preamble=False)), force=True)
+    ds.PixelData = TWELVE.astype("<u2" if syntax_little else ">u2").tobytes()  # OW words in the file's byte order
+    out = io.BytesIO()
+    dcmwrite(out, ds, implicit_vr=not explicit, little_endian=syntax_little, force_encoding=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("little, explicit", [(True, True), (True, False), (False, True)])
+def test_bare_data_sets_little_and_big_endian_are_read(little: bool, explicit: bool) -> None:
+    from pneumoedge.dicom import sniff_dicom
+
+    data = _bare(little, explicit)
+    assert data[128:132] != b"DICM" and sniff_dicom(data[:1024]) == "dicom"
+    np.testing.assert_allclose(read_pixels(data), MIN_MAX, atol=1e-3)
+
+
+def test_sniff_knows_a_dicomdir_by_content_and_ignores_other_bytes() -> None:
+    from pneumoedge.dicom import sniff_dicom
+
+    assert sniff_dicom(dicom_bytes(None, sop_class="1.2.840.10008.1.3.10")[:1024]) == "dicomdir"
+    assert sniff_dicom(_CACHED_DICOM[:1024]) == "dicom"
+    assert sniff_dicom(b"\x89PNG\r\n\x1a\n" + b"\x00" * 200) == ""
+    assert sniff_dicom(b"\x00" * 1024) == "" and sniff_dicom(b"") == ""
+
+
+def _pydicom_test_files() -> Path:
+    import pydicom.data
+
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    if not (folder / "dicomdirtests").is_dir():
+        pytest.skip(f"pydicom's test files are not in this install ({folder})")
+    return folder
+
+
+def test_dicomdirs_of_pydicom_are_found_by_content_whatever_their_names() -> None:
+    folder = _pydicom_test_files() / "dicomdirtests"
+    found = {p.name: (kind, reason) for p, kind, reason in discover([folder])}
+    dicomdirs = {name for name, (kind, reason) in found.items() if reason.startswith("DICOMDIR")}
+    # pydicom ships DICOMDIR-bigEnd, -empty.dcm, -implicit, -nooffset, -nopatient, -reordered besides DICOMDIR.
+    assert {"DICOMDIR", "DICOMDIR-bigEnd", "DICOMDIR-empty.dcm", "DICOMDIR-implicit", "DICOMDIR-reordered"} <= dicomdirs
+    assert all(found[name][0] == "skipped" for name in dicomdirs)
+    assert found["6154"][0] == "image"  # a CR image of that export, named by number
+
+
+def test_infer_over_pydicoms_test_files_one_row_each_and_a_quiet_stderr(tmp_path: Path) -> None:
+    """pydicom's own odd files (big endian, DICOMDIRs, JPEG 2000, truncated ...): one row per file, no noise."""
+    import csv
+    import subprocess
+
+    folder = _pydicom_test_files()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    out = tmp_path / "rows.csv"
+    script = Path(sys.executable).with_name("pneumoedge")
+    run = subprocess.run([str(script), "infer", str(folder), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode in (0, 1), run.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in files)
+    ours = ("error ", "skipped ", "… and ")  # infer's own per-file lines and summary
+    noise = [
+        line for line in run.stderr.splitlines()
+        if not line.startswith(ours) and any(w in line for w in ("Traceback", "pydicom", "Warning", "WARNING", "ERROR"))
+    ]
+    assert not noise, run.stderr
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["DICOMDIR-empty.dcm"]["status"] == "skipped"
+    assert "RT Ion Plan" in by_name["ExplVR_BigEndNoMeta.dcm"]["error"]  # read as DICOM (big endian, no preamble)
+    assert "modality CT" in by_name["CT_small.dcm"]["error"]
+    print(f"{len(rows)} rows: " + ", ".join(f"{s} {n}" for s, n in sorted(__import__('collections').Counter(r['status'] for r in rows).items())))
+
+
+def test_pydicoms_complaints_go_into_the_reason_once() -> None:
+    import logging
+
+    class Seen(logging.Handler):
+        records: list = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    seen = Seen()
+    logging.getLogger().addHandler(seen)  # where pydicom's records would go (a CLI's stderr handler)
+    try:
+        with pytest.raises(ImageError) as caught:
+            read_pixels(b"\x00" * 128 + b"DICM" + b"\xff" * 40)
+    finally:
+        logging.getLogger().removeHandler(seen)
+    message = str(caught.value)
+    assert "(pydicom: " in message and message.count("End of file reached before delimiter") == 1
+    assert not [r for r in seen.records if r.name.startswith("pydicom")]  # collected, not logged
+
+
+def test_a_decoder_failure_names_what_else_to_install() -> None:
+    path = _pydicom_test_files() / "GDCMJ2K_TextGBR.dcm"  # JPEG 2000 that Pillow's OpenJPEG refuses
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000Lossless
+
+    if list(get_decoder(JPEG2000Lossless).available_plugins) != ["pillow"]:
+        pytest.skip("another JPEG 2000 decoder than Pillow is installed")
+    with pytest.raises(ImageError) as caught:
+        read_pixels(path)
+    assert "with the installed decoder (pillow)" in str(caught.value)
+    assert "pip install pylibjpeg pylibjpeg-openjpeg" in str(caught.value) and "pip install python-gdcm" in str(caught.value)
