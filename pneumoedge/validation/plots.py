@@ -55,7 +55,8 @@ def roc_plot(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], points: Seque
         axes.plot([1 - specificity], [sensitivity], "o", label=name)
     axes.plot([0, 1], [0, 1], ":", color="grey", linewidth=0.8)
     axes.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC curve", xlim=(0, 1), ylim=(0, 1.02))
-    axes.legend(fontsize=7, loc="lower right")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7, loc="lower right")
     return _png(figure)
 
 

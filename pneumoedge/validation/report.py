@@ -242,6 +242,7 @@ def _gallery(ensemble: Ensemble, run: Collected, folder: Path, count: int) -> di
                 ok, png = cv2.imencode(".png", cv2.cvtColor(explained.overlay(640), cv2.COLOR_RGB2BGR))
                 if ok:
                     target = folder / f"{number:02d}-{entry.path.name}.png"
+                    folder.mkdir(parents=True, exist_ok=True)
                     write_atomic(target, png.tobytes())
                     item["overlay"] = f"gallery/{target.name}"
                     item["_data_uri"] = "data:image/png;base64," + base64.b64encode(png.tobytes()).decode("ascii")
