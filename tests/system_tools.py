@@ -1,4 +1,4 @@
-"""Skips for tests that need a system program (Chromium, Orthanc): skip locally, fail in CI.
+"""Skips for tests that need a system program (Chromium, Orthanc, dcmtk, dciodvfy): skip locally, fail in CI.
 
 `.ci/run` sets PNEUMOEDGE_REQUIRE_SYSTEM_TOOLS=1, so in CI a missing tool fails the test
 instead of skipping it (an all-skipped run would otherwise pass).
