@@ -163,7 +163,8 @@ def test_composed_bundles_keep_their_members_statistics(ood_bundle: Path, tmp_pa
     composed, original = pneumoedge.load(out, precision="fp32"), pneumoedge.load(ood_bundle, precision="fp32")
     assert composed.can_flag_ood
     # Only the bundle's member has statistics: the composed score is that member's ratio.
-    assert [r.ood_score for r in composed.predict_many(reference_images[:4])] == [r.ood_score for r in original.predict_many(reference_images[:4])]
+    # (equal up to the rounding of weighting one ratio by 0.75 and dividing by 0.75 again)
+    assert [r.ood_score for r in composed.predict_many(reference_images[:4])] == pytest.approx([r.ood_score for r in original.predict_many(reference_images[:4])], rel=1e-12)
 
 
 def test_bench_measures_what_the_score_adds(ood_bundle: Path, reference_images: list[Path], bundle_dir: Path) -> None:
@@ -189,7 +190,7 @@ def test_a_wrapped_onnx_model_gets_statistics_from_its_reference_folder(tmp_path
     assert all(r.ood_score is not None for r in model.predict_many(reference_images[:3]))
 
 
-def test_whitened_float32_distances_equal_the_precision_formula() -> None:
+def test_float32_distances_equal_the_float64_formula() -> None:
     """The run-time GEMM form gives the float64 einsum's distances, also for a wide feature layer."""
     rng = np.random.default_rng(3)
     width = 512
@@ -201,6 +202,4 @@ def test_whitened_float32_distances_equal_the_precision_formula() -> None:
     assert fast.dtype == np.float64 and fast.shape == (25,)
     np.testing.assert_allclose(fast, exact, rtol=1e-4)
     assert ((fast >= stats.threshold) == (exact >= stats.threshold)).all()
-    # A precision Cholesky refuses (not positive definite in floating point) still gets a factor.
-    flat = OodStats(np.zeros(3), np.diag([1.0, 4.0, 0.0]), 1.0)
-    np.testing.assert_allclose(flat.distances(np.array([[1.0, 1.0, 7.0]])), [np.sqrt(5.0)], rtol=1e-6)
+    np.testing.assert_allclose(stats.distances(probe[:1]), exact[:1], rtol=1e-4)  # a batch of one
