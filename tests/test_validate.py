@@ -214,3 +214,8 @@ def test_multiclass_bundle_gets_per_class_numbers(tmp_path: Path) -> None:
     assert report["subsets"]["all"]["accuracy"]["value"] == pytest.approx(np.trace(matrix) / 12)
     assert (tmp_path / "r" / "report.html").is_file()
     assert metrics.roc_auc(np.repeat([0, 1, 2], 4) == 2, [0] * 12) == 0.5  # sanity of the OvR helper on ties
+
+
+def test_kaggle_root_means_its_test_split(phantom_split: Path, bundle_copy: Path, tmp_path: Path) -> None:
+    report = validate(bundle_copy, phantom_split.parent, tmp_path / "r", threads=1, gallery=0).report
+    assert report["n"] == 12 and report["data"]["labelled_folder"] == str(phantom_split)

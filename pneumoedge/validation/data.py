@@ -51,7 +51,7 @@ def read_labelled(data: Union[str, Path], labels: Sequence[str]) -> Listing:
 
     Args:
         data: a folder with one subfolder per label (names as the model's labels, any case;
-            a Kaggle root whose only labelled split is wanted: give ROOT/test), or a CSV file
+            a Kaggle-layout root means its test/ split), or a CSV file
             with columns path,label (a header row is optional; relative paths are relative to
             the CSV's folder).
         labels: the model's labels; every label in the data must be one of them.
@@ -66,6 +66,9 @@ def read_labelled(data: Union[str, Path], labels: Sequence[str]) -> Listing:
     if data.is_file():
         entries, source, root = _from_csv(data, canonical), f"CSV file {data.name}", data.parent
     else:
+        split = data / "test"
+        if not _label_folders(data, canonical) and split.is_dir() and _label_folders(split, canonical):
+            data = split  # a Kaggle-layout root: its held-out test split, never train or val
         entries, source, root = _from_folders(data, canonical, labels), "folder names", data
     if not any(e.kind == "image" for e in entries):
         raise DataError(f"{data}: no image files found")
@@ -74,12 +77,16 @@ def read_labelled(data: Union[str, Path], labels: Sequence[str]) -> Listing:
     return Listing(tuple(entries), source, root, digest, lines)
 
 
+def _label_folders(folder: Path, canonical: dict[str, str]) -> bool:
+    return any(p.is_dir() and p.name.lower() in canonical for p in folder.iterdir())
+
+
 def _from_folders(data: Path, canonical: dict[str, str], labels: Sequence[str]) -> list[Entry]:
     folders = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
     unknown = [p.name for p in folders if p.name.lower() not in canonical]
     known = [p for p in folders if p.name.lower() in canonical]
     if not known:
-        hint = " (a Kaggle root? give its test/ folder)" if any(p.name in ("train", "val", "test") for p in folders) else ""
+        hint = " (a Kaggle root without test/? give the split folder to validate on)" if any(p.name in ("train", "val") for p in folders) else ""
         raise DataError(f"{data}: no folder named after a label ({', '.join(labels)}); one folder per label, or a CSV of path,label{hint}")
     if unknown:
         raise DataError(f"{data}: folders {', '.join(unknown)} are not labels of this model ({', '.join(labels)}); move them out or use a CSV")

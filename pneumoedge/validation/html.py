@@ -75,8 +75,9 @@ def render(report: dict[str, Any]) -> str:
         "given, on these images; they do not make any single result certain.</div>",
     ]
     if bundle.get("synthetic") or data.get("synthetic"):
-        which = " and ".join(w for w, s in (("the bundle was trained on", bundle.get("synthetic")), ("the data are", data.get("synthetic"))) if s)
-        parts.append(f"<div class=\"alert\">Demonstration: {escape(which)} synthetic phantoms, not real patients.</div>")
+        which = "; ".join(w for w, s in (("the bundle was trained on synthetic phantoms", bundle.get("synthetic")),
+                                          ("the images are synthetic phantoms", data.get("synthetic"))) if s)
+        parts.append(f"<div class=\"alert\">Demonstration: {escape(which)}, not real patients.</div>")
     parts += _first(report)
     parts += _main_numbers(report)
     parts += _threshold_section(report)

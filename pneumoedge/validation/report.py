@@ -187,7 +187,7 @@ def _report(ensemble: Ensemble, bundle: Path, data: Path, listing: Listing, run:
             "configuration": configuration.describe() if configuration is not None else None, "provider": ensemble.provider,
         },
         "data": {
-            "path": str(data), "label_source": listing.source, "listing_sha256": listing.sha256, "listing_file": "listing.tsv",
+            "path": str(data), "labelled_folder": str(listing.root), "label_source": listing.source, "listing_sha256": listing.sha256, "listing_file": "listing.tsv",
             "listed": len(listing.entries), "images": len(listing.images), "classified": int(len(run.y)),
             "unreadable": len(run.unreadable), "skipped": len(run.skipped), "synthetic": data_synthetic,
         },
