@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pneumoedge.preprocessing import RESIZE_METHODS, PreprocessSpec, SpecError, preprocess, to_float_pixels
+from pneumoedge.preprocessing import RESIZE_METHODS, PreprocessSpec, SpecError, preprocess, to_float_pixels, to_tensor
 from tests.conftest import gradient_image
 
 
@@ -121,3 +121,16 @@ def test_invalid_specs_are_refused_clearly(fields: dict, message: str) -> None:
 def test_unknown_spec_field_refused() -> None:
     with pytest.raises(SpecError, match="unknown fields \\['warp'\\]"):
         PreprocessSpec.from_dict({"height": 8, "width": 8, "warp": 9})
+
+
+@pytest.mark.parametrize("resize", sorted(RESIZE_METHODS))
+@pytest.mark.parametrize("size", [(1203, 1442), (640, 480), (97, 213)])
+def test_gray_image_for_rgb_model_is_three_equal_resized_channels(resize: str, size: tuple) -> None:
+    """Resizing one channel and copying it gives exactly the tensor of resizing three equal channels."""
+    gray = np.random.default_rng(sum(size)).integers(0, 256, size=size, dtype=np.uint8)
+    spec = PreprocessSpec(height=224, width=200, color="rgb", resize=resize, scale=1 / 127.5, offset=-1.0)
+    tensor = to_tensor(gray, spec)
+    three = cv2.resize(np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32), (200, 224), interpolation=RESIZE_METHODS[resize])
+    expected = three * np.float32(spec.scale) + np.float32(spec.offset)
+    assert tensor.shape == (224, 200, 3) and tensor.dtype == np.float32
+    np.testing.assert_array_equal(tensor, expected)
