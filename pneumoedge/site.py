@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from pneumoedge.atomic import write_json_atomic
-from pneumoedge.bundle import MANIFEST, sha256_file
+from pneumoedge.bundle import MANIFEST, BundleError, sha256_file
 
 if TYPE_CHECKING:
     from pneumoedge.runtime.ensemble import Ensemble
@@ -23,8 +23,8 @@ SITE_FORMAT = "pneumoedge-site"
 SITE_FORMAT_VERSION = 1
 
 
-class SiteError(ValueError):
-    """A site file that cannot be read, or that belongs to another bundle."""
+class SiteError(BundleError):
+    """A site file that cannot be read, or that belongs to another bundle (a `BundleError`, reported as one)."""
 
 
 @dataclass(frozen=True)
