@@ -158,6 +158,20 @@ def export_bundle(model: ZooModel, keras_path: Path, data: Path, out: Path) -> f
     return round(time.perf_counter() - started, 1)
 
 
+def mark_demonstration(bundle: Path, record: dict) -> None:
+    """Say in the bundle's own provenance that it is a phantom-trained demonstration (export cannot know
+    how a foreign model was trained); idempotent, member files and checksums untouched."""
+    from pneumoedge.atomic import write_json_atomic
+
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    provenance = manifest.setdefault("provenance", {})
+    provenance.update(synthetic=True, demonstration=NOTICE, training={
+        "data": "synthetic phantoms (pneumoedge.datasets.phantoms), Kaggle layout", "images": record.get("train_images"),
+        "epochs": record.get("epochs"), "built_by": "benchmarks/zoo_build.py"})
+    write_json_atomic(path, manifest)
+
+
 def mark_ready(zoo: Path, name: str) -> None:
     """Add `name` to ZOO/READY (one bundle folder per line), keeping the others."""
     ready = zoo / "READY"
@@ -185,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.zoo / name
         if (folder / "bundle" / "manifest.json").exists() and not args.force:
             print(f"{name}: bundle exists (use --force to rebuild)", flush=True)
+            if (folder / "ZOO.json").exists():
+                mark_demonstration(folder / "bundle", json.loads((folder / "ZOO.json").read_text()))
             mark_ready(args.zoo, name)
             continue
         print(f"== {name}: keras.applications.{model.application} {model.size}x{model.size}, training on phantoms", flush=True)
@@ -197,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["export_seconds"] = export_bundle(model, keras_path, data, folder / "bundle")
         record = {"notice": NOTICE, "model": asdict(model), "data": str(data), **figures}
         (folder / "ZOO.json").write_text(json.dumps(record, indent=1) + "\n")
+        mark_demonstration(folder / "bundle", record)
         mark_ready(args.zoo, name)
         print(f"{name}: ready {json.dumps(figures)}", flush=True)
     return 0
