@@ -15,7 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pneumoedge.bundle import MemberSource, read_manifest, write_bundle
+from pneumoedge.bundle import BundleError, MemberSource, read_manifest, sha256_file, write_bundle
 from pneumoedge.commands import infer as infer_verb
 from pneumoedge.commands import validate as validate_verb
 from pneumoedge.datasets.phantoms import generate_dataset
@@ -219,3 +219,11 @@ def test_multiclass_bundle_gets_per_class_numbers(tmp_path: Path) -> None:
 def test_kaggle_root_means_its_test_split(phantom_split: Path, bundle_copy: Path, tmp_path: Path) -> None:
     report = validate(bundle_copy, phantom_split.parent, tmp_path / "r", threads=1, gallery=0).report
     assert report["n"] == 12 and report["data"]["labelled_folder"] == str(phantom_split)
+
+
+def test_a_bare_onnx_file_is_validated_but_takes_no_site_threshold(phantom_split: Path, bundle_copy: Path, tmp_path: Path) -> None:
+    member = bundle_copy / "cnn3_gray150.fp32.onnx"
+    report = validate(member, phantom_split, tmp_path / "r", threads=1, gallery=0).report
+    assert report["n"] == 12 and report["bundle"]["sha256"] == sha256_file(member) and report["threshold_source"].startswith("model: ")
+    with pytest.raises(BundleError, match="belongs to a bundle folder"):
+        validate(member, phantom_split, tmp_path / "r2", site_threshold="youden")

@@ -18,7 +18,7 @@ import numpy as np
 
 from pneumoedge import __version__
 from pneumoedge.atomic import write_atomic, write_json_atomic
-from pneumoedge.bundle import BundleError
+from pneumoedge.bundle import BundleError, sha256_file
 from pneumoedge.runtime.ensemble import Ensemble
 from pneumoedge.runtime.folder import ProgressCallback
 from pneumoedge.runtime.loading import load
@@ -77,7 +77,8 @@ def validate(
     """Validate a bundle on labelled data; write the report files into `out`.
 
     Args:
-        bundle: a bundle folder (its manifest's sha256 ties the report and site.json to it).
+        bundle: a bundle folder (its manifest's sha256 ties the report and site.json to it), or
+            one self-describing .onnx file (its own sha256; no site threshold).
         data: one folder per label, or a CSV of path,label (see `read_labelled`).
         out: the report folder (refused when it holds a report, unless `overwrite`).
         precision, threads, batch_size, workers, device: as `infer` takes them; by default
@@ -95,8 +96,10 @@ def validate(
     if not 0.0 < width < 1.0:
         raise DataError(f"--width {width}: give an interval width between 0 and 1 (e.g. 0.1)")
     rule = parse(site_threshold) if site_threshold is not None else None
-    if not bundle.is_dir():
-        raise BundleError(f"{bundle}: validate takes a bundle folder (its checksum ties the report to it)")
+    if not bundle.is_dir() and not (bundle.is_file() and bundle.suffix.lower() == ".onnx"):
+        raise BundleError(f"{bundle}: validate takes a bundle folder (or one self-describing .onnx file)")
+    if (rule is not None or site is not None) and not bundle.is_dir():
+        raise BundleError(f"{bundle}: a site threshold belongs to a bundle folder, not to a bare .onnx file")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
     if (out / "report.json").exists() and not overwrite:
@@ -180,7 +183,7 @@ def _report(ensemble: Ensemble, bundle: Path, data: Path, listing: Listing, run:
         "notice": NOTICE,
         "pneumoedge": __version__,
         "bundle": {
-            "name": ensemble.name, "path": str(bundle), "sha256": bundle_sha256(bundle), "task": ensemble.task, "labels": labels,
+            "name": ensemble.name, "path": str(bundle), "sha256": bundle_sha256(bundle) if bundle.is_dir() else sha256_file(bundle), "task": ensemble.task, "labels": labels,
             "threshold": manifest.threshold if manifest is not None else None,
             "threshold_method": manifest.threshold_method if manifest is not None else None,
             "synthetic": synthetic, "precision": getattr(configuration, "precision", None),
@@ -194,7 +197,7 @@ def _report(ensemble: Ensemble, bundle: Path, data: Path, listing: Listing, run:
         "n": int(len(run.y)),
         "per_label": everything["per_label"],
         "threshold": threshold,
-        "threshold_source": site.source if site is not None else ("bundle: " + (ensemble.threshold_method or "") if threshold is not None else "arg-max"),
+        "threshold_source": site.source if site is not None else (("bundle: " if bundle.is_dir() else "model: ") + (ensemble.threshold_method or "") if threshold is not None else "arg-max"),
         "sensitivity": everything["sensitivity"],
         "specificity": everything["specificity"],
         "roc_auc": everything["roc_auc"],
