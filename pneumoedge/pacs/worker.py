@@ -242,6 +242,11 @@ class Worker:
         return job
 
     def _commit(self, job: _Job, prediction: Prediction) -> None:
+        # highdicom reads the header's values through pydicom: its complaints stay out of the log.
+        with quiet_pydicom():
+            self._commit_quietly(job, prediction)
+
+    def _commit_quietly(self, job: _Job, prediction: Prediction) -> None:
         if prediction.status == "error" and job.header is not None:
             try:  # the PACS hears back for this image too: an SR saying it could not be analysed
                 sr = report.build_error_sr(job.header, prediction.error or "unknown reason", self.identity)
