@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from typing_extensions import Annotated
 
@@ -16,6 +17,7 @@ from pneumoedge.site import SiteError
 from pneumoedge.thresholds import ThresholdError
 from pneumoedge.validation.data import DataError
 from pneumoedge.validation.metrics import MetricsError
+from pneumoedge.validation.plots import INSTALL_HINT
 
 
 def validate_command(
@@ -93,7 +95,8 @@ def _print(report: dict[str, Any], files: dict[str, str]) -> None:
     table.add_row("report", files["report.html"])
     stderr.print(table)
     if not report["plots"]:
-        stderr.print('[yellow]no plots:[/] matplotlib is not installed (pip install "pneumoedge[report]"); every number is in the report')
+        stderr.print(f"[yellow]no plots:[/] matplotlib is not installed ({escape(INSTALL_HINT)}); every number is in the report",
+                     highlight=False, soft_wrap=True)
     for limit in report["limits"][:2]:
         stderr.print(f"[dim]{limit}[/]", highlight=False, soft_wrap=True)
     stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
