@@ -140,6 +140,9 @@ def test_site_threshold_changes_labels_exactly_and_leaves_the_bundle(phantom_spl
     assert again.report["threshold"] == 0.9 and "site file" in again.report["threshold_source"]
     shown = again.report["gallery"]["shown"]
     assert shown and shown[0]["kind"] == "false negative" and (tmp_path / "again" / shown[0]["overlay"]).is_file()
+    # overwritten without a site threshold: the earlier site.json and heatmaps do not linger beside the new report
+    validate(bundle_copy, phantom_split, tmp_path / "r", threads=1, overwrite=True, gallery=0)
+    assert not (tmp_path / "r" / "site.json").exists() and not list((tmp_path / "r").glob("gallery/*.png"))
 
 
 def test_site_file_of_another_bundle_is_refused(phantom_split: Path, bundle_copy: Path, tmp_path: Path) -> None:

@@ -109,6 +109,8 @@ def validate(
     if rule is not None and ensemble.task != "binary":
         raise DataError("--site-threshold: a multi-class bundle decides by arg-max and takes no threshold")
     listing = read_labelled(data, ensemble.labels)
+    if (out / "report.json").exists():  # --overwrite: an earlier report of ours
+        _clear_previous(out)
     out.mkdir(parents=True, exist_ok=True)
     configuration = getattr(ensemble, "configuration", None)
     batch = batch_size or (configuration.batch if configuration is not None else 8)
@@ -143,6 +145,12 @@ def validate(
 
     write_atomic(out / "report.html", render(report))
     return Validation(report, files)
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove what an earlier report in `out` wrote and this run may not rewrite (no stale site.json or heatmaps)."""
+    for path in [out / "site.json", *(out / "gallery").glob("[0-9][0-9]-*.png")]:
+        path.unlink(missing_ok=True)
 
 
 def _public(report: dict[str, Any]) -> dict[str, Any]:
