@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     from pneumoedge.datasets import phantoms
-    from pneumoedge.export.onnx_export import image_files, load_tensors
-    from pneumoedge.export.pipeline import export_foreign
+    from pneumoedge.export.bundle_builder import BundleOptions, Int8Options
+    from pneumoedge.export.foreign import export_foreign
+    from pneumoedge.export.tensors import image_files, load_tensors
     from pneumoedge.export.quantization import Tolerance
     from pneumoedge.preprocessing import PreprocessSpec
 
@@ -84,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(out)
     t = time.perf_counter()
-    result = export_foreign(path, out, spec=spec, labels=("NORMAL", "PNEUMONIA"), head="sigmoid", images=data / "test",
-                            int8=True, calibration=data / "train", int8_tolerance=Tolerance(), on_fail="warn", int8_budget=args.budget,
-                            progress=print)
+    options = BundleOptions(images=data / "test", int8=Int8Options(enabled=True, calibration=data / "train", tolerance=Tolerance(),
+                                                                   on_fail="warn", budget_s=args.budget))
+    result = export_foreign(path, out, options, spec=spec, labels=("NORMAL", "PNEUMONIA"), head="sigmoid", progress=print)
     export_s = time.perf_counter() - t
     q = result.members[0].int8
     chosen = q.chosen

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
+
+from pneumoedge.atomic import write_json_atomic
 from pneumoedge.preprocessing import PreprocessSpec, SpecError
 
 FORMAT = "pneumoedge-bundle"
@@ -21,10 +22,18 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 #: Key in an ONNX file's metadata_props whose value is the JSON of `ModelCard`.
 ONNX_METADATA_KEY = "pneumoedge"
+#: metadata_props key recording where a wrapped model came from (JSON).
+ORIGIN_KEY = "pneumoedge_origin"
+#: metadata_props key of an int8 file: the recipe that made it (JSON).
+QUANTIZATION_KEY = "pneumoedge_quantization"
 
 TASKS = ("binary", "multiclass")
 PRECISIONS = ("fp32", "int8")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
+#: The extra graph outputs that carry a member's Grad-CAM map (N, h, w) and pooled features
+#: (N, C); a card's `explain` names them, the export side adds them, the runtime reads them.
+HEATMAP_OUTPUT = "pneumoedge_heatmap"
+FEATURES_OUTPUT = "pneumoedge_features"
 
 
 class BundleError(ValueError):
@@ -264,12 +273,7 @@ def _read_member(root: Path, raw: Any, labels: tuple[str, ...], task: str, where
         raise BundleError(f"{where} ({file}): {exc}") from None
     expected = str(_require(raw, "sha256", where)).lower()
     if verify:
-        actual = sha256_file(path)
-        if actual != expected:
-            raise BundleError(
-                f"{path}: checksum mismatch (manifest sha256 {expected[:12]}…, file {actual[:12]}…); "
-                "the file was changed or corrupted after the bundle was made"
-            )
+        verify_file(path, expected)
     return Member(
         name=str(raw.get("name", Path(file).stem)),
         file=file,
@@ -301,12 +305,33 @@ def _read_ood(root: Path, raw: Any, where: str, file: str, verify: bool) -> Opti
 
 def verify_file(path: Path, expected: str) -> None:
     """Raise `BundleError` unless `path`'s sha256 is `expected`."""
-    actual = sha256_file(path)
+    check_digest(path, expected, sha256_file(path))
+
+
+def check_digest(path: Path, expected: str, actual: str) -> None:
+    """THE checksum check: raise `BundleError` naming both digests unless `actual` is `expected`.
+
+    For callers that hash the bytes themselves (the runtime hashes while it loads a member).
+    """
     if actual != str(expected).lower():
         raise BundleError(
             f"{path}: checksum mismatch (manifest sha256 {str(expected)[:12]}…, file {actual[:12]}…); "
             "the file was changed or corrupted after the bundle was made"
         )
+
+
+def apply_activation(raw: Any, activation: str) -> np.ndarray:
+    """A member's raw output (N, K) as probabilities: what a card's `activation` means (float64)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if activation == "none":
+        return raw
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-raw))
+    if activation == "softmax":
+        e = np.exp(raw - raw.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    raise BundleError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
 
 
 @dataclass(frozen=True)
@@ -389,20 +414,6 @@ def write_bundle(
     }
     write_json_atomic(out / MANIFEST, manifest)
     return read_manifest(out)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file in the same folder and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a manifest is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def card_from_metadata(metadata: dict[str, str], source: str) -> ModelCard:

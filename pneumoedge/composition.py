@@ -6,7 +6,9 @@ bundle's probability is the weighted mean of the inputs' probabilities. Every me
 own spec (size, colour, layout, decode settings); the runtime still reads each file once.
 Member files are copied byte for byte (sha256 checked before and after) and the manifest
 records each member's origin. fp32 and int8 members are carried over for every precision
-that all inputs have. Runtime-only: onnxruntime, numpy; never TensorFlow.
+that all inputs have. The new bundle is made by the one bundle builder
+(`pneumoedge.export.bundle_builder.build_bundle`), its threshold chosen on labelled images run
+through the runtime. onnxruntime and numpy only; never TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
+
 from pneumoedge.bundle import (
     ONNX_METADATA_KEY,
+    ORIGIN_KEY,
     PRECISIONS,
+    QUANTIZATION_KEY,
     BundleError,
     Manifest,
     MemberSource,
@@ -32,6 +38,10 @@ from pneumoedge.bundle import (
     sha256_file,
     write_bundle,
 )
+from pneumoedge.datasets.kaggle import labelled_samples, targets
+from pneumoedge.export.bundle_builder import BuildState, BundleOptions, ExportedMember, build_bundle
+from pneumoedge.runtime.loading import load
+from pneumoedge.thresholds import DEFAULT_THRESHOLD_METHOD, ThresholdRule
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +94,14 @@ def _read_voice(path: Path) -> _Voice:
         return voice
     if path.suffix.lower() != ".onnx" or not path.is_file():
         raise BundleError(f"{path}: not a bundle folder or an .onnx file")
-    from pneumoedge.runtime.ensemble import load
-
     member = load(path, threads=1).members[0]  # checks the card and the input shape
     metadata = member.session.get_modelmeta().custom_metadata_map
     card = card_from_metadata(metadata, str(path))
-    if "pneumoedge_quantization" in metadata:
+    if QUANTIZATION_KEY in metadata:
         raise BundleError(f"{path}: an int8 file cannot be an input on its own (its fp32 twin would be missing); give its bundle")
     threshold = json.loads(metadata[ONNX_METADATA_KEY]).get("threshold")
     threshold = float(threshold) if isinstance(threshold, (int, float)) else None
-    origin = json.loads(metadata["pneumoedge_origin"]) if "pneumoedge_origin" in metadata else None
+    origin = json.loads(metadata[ORIGIN_KEY]) if ORIGIN_KEY in metadata else None
     voice = _Voice(path, "onnx", path.stem, card.labels, card.task, threshold,
                    "from the file's metadata" if threshold is not None else "none recorded", "fp32")
     voice.parts.append(_Part(path, path.stem, "fp32", 1.0, card, sha256_file(path), path.name, origin))
@@ -169,7 +177,6 @@ def compose_bundle(
             notes.append(f"{p} members not carried over: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} none")
     default = "int8" if "int8" in precisions and all(v.default_precision == "int8" for v in voices) else precisions[0]
     sources = _member_sources(voices, weights, precisions)
-    binary = first.task == "binary"
     record: dict[str, Any] = {
         "created_by": "pneumoedge bundle create",
         "synthetic": any(bool(v.provenance.get("synthetic")) for v in voices),
@@ -182,19 +189,16 @@ def compose_bundle(
         ],
         "notes": notes,
     }
+    checked = FolderValidation(Path(validation), first.card_labels, first.task, progress) if validation is not None else None
+    options = BundleOptions(ood=False, name=name or out.name,
+                            threshold=threshold_method or (DEFAULT_THRESHOLD_METHOD if checked is not None else None))
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        threshold, method = None, "argmax (multiclass)"
-        manifest = write_bundle(work, sources, labels=first.card_labels, task=first.task, threshold=0.5 if binary else None,
-                                threshold_method="provisional", provenance=record, name=name or out.name, default_precision=default)
-        if binary:
-            threshold, method = _threshold(voices, work, threshold_method, validation, record, progress)
-        sources = [MemberSource(work / m.file, m.name, m.card.spec, m.precision, m.weight, m.card.activation, m.card.explain, m.origin,
-                                ood_file=m.ood["path"] if m.ood else None, ood=m.ood)
-                   for m in manifest.members]
-        write_bundle(work, sources, labels=first.card_labels, task=first.task, threshold=threshold, threshold_method=method,
-                     provenance=record, name=name or out.name, default_precision=default)
+        with tempfile.TemporaryDirectory(prefix="pneumoedge-compose-") as scratch:
+            build_bundle(work, _carried(sources), Path(scratch), labels=first.card_labels, task=first.task, options=options,
+                         describe=lambda state: _with_threshold(record, state), validation=checked,
+                         fallback=_carried_threshold(voices), carried_default=default, progress=progress)
         if out.exists():
             out.rmdir()  # an empty folder, checked above
         work.rename(out)
@@ -234,70 +238,68 @@ def _member_sources(voices: Sequence[_Voice], weights: Sequence[float], precisio
     return sources
 
 
-def _threshold(voices: Sequence[_Voice], work: Path, method: Optional[str], validation: Optional[Union[str, Path]],
-               record: dict[str, Any], progress: Callable[[str], None]) -> tuple[float, str]:
-    from pneumoedge.export.errors import ExportError
-    from pneumoedge.export.evaluation import DEFAULT_THRESHOLD_METHOD, choose_threshold
+def _carried(sources: Sequence[MemberSource]) -> list[ExportedMember]:
+    """Members for the builder: each name's fp32 file, its other precisions carried as they are."""
+    grouped: dict[str, list[MemberSource]] = {}
+    for source in sources:
+        grouped.setdefault(source.name, []).append(source)
+    members = []
+    for name, own in grouped.items():
+        own.sort(key=lambda s: PRECISIONS.index(s.precision))
+        members.append(ExportedMember(name, own[0], None, carried=own[1:]))
+    return members
 
-    if method is None and validation is None:
+
+def _carried_threshold(voices: Sequence[_Voice]) -> Callable[[Optional[ThresholdRule]], dict[str, Any]]:
+    """Without labelled data: the inputs' threshold when they all agree; otherwise say what to give."""
+
+    def fallback(rule: Optional[ThresholdRule]) -> dict[str, Any]:
+        if rule is not None:
+            raise BundleError(f"--threshold {rule.text} chooses on labelled data: give --validation DATA_DIR (NORMAL/ and PNEUMONIA/)")
         found = {v.threshold for v in voices}
         if len(found) == 1 and None not in found:
             value = found.pop()
-            return value, f"carried over: every input uses {value:.4g}"
+            return {"threshold": value, "method": "carried", "description": f"carried over: every input uses {value:.4g}"}
         listed = ", ".join(f"{v.path.name}: {'none recorded' if v.threshold is None else f'{v.threshold:.4g}'}" for v in voices)
         raise BundleError(
             f"the inputs' thresholds differ ({listed}); give --threshold fixed:X, or --threshold sensitivity:0.95 "
             "(or youden) with --validation DATA_DIR to choose one on labelled data"
         )
-    method = method or DEFAULT_THRESHOLD_METHOD
-    try:
-        if method.startswith("fixed"):
-            value = _fixed(method)
-            record["threshold"] = {"threshold": value, "method": method, "description": "declared"}
-            return value, f"fixed {value:g} (declared)"
-        if validation is None:
-            raise BundleError(f"--threshold {method} chooses on labelled data: give --validation DATA_DIR (NORMAL/ and PNEUMONIA/)")
-        y, p = _validation_probabilities(work, validation, progress)
-        chosen = choose_threshold(y, p, method)
-    except ExportError as exc:
-        raise BundleError(str(exc)) from None
-    record["threshold"] = {**chosen, "data": str(validation), "images": int(len(y))}
-    return chosen["threshold"], chosen["description"]
+
+    return fallback
 
 
-def _fixed(method: str) -> float:
-    try:
-        value = float(method.partition(":")[2])
-    except ValueError:
-        raise BundleError(f"--threshold {method!r}: write fixed:X with X a number in 0..1") from None
-    if not 0.0 <= value <= 1.0:
-        raise BundleError(f"--threshold {method!r}: X must lie in 0..1")
-    return value
+def _with_threshold(record: dict[str, Any], state: BuildState) -> dict[str, Any]:
+    """The composition's record, with the threshold when it was declared or chosen here."""
+    info = state.threshold
+    if info is None or info.get("method") == "carried":
+        return dict(record)
+    if state.validation is not None and "sensitivity" in info:
+        info = {**info, "data": state.validation.described, "images": int(len(state.validation.y))}
+    return {**record, "threshold": info}
 
 
-def _validation_probabilities(bundle: Path, data: Union[str, Path], progress: Callable[[str], None]) -> tuple[Any, Any]:
-    """The composed ensemble's p(labels[1]) on labelled data, through the runtime."""
-    import numpy as np
+class FolderValidation:
+    """Labelled images (Kaggle layout) run through the runtime, as the composed bundle will be."""
 
-    from pneumoedge.export.evaluation import _targets, labelled_samples
-    from pneumoedge.runtime.ensemble import load
+    def __init__(self, folder: Path, labels: Sequence[str], task: str, progress: Callable[[str], None]) -> None:
+        self.folder, self.labels, self.task, self.progress = folder, tuple(labels), task, progress
+        self.described = str(folder)
+        self.samples, self.split = labelled_samples(folder, task)
+        self.y = targets(self.samples, task, self.labels)
 
-    ensemble = load(bundle, threads=1)
-    samples, split = labelled_samples(data, ensemble.task)
-    progress(f"choosing the threshold on {len(samples)} labelled images ({split})")
-    predictions = list(ensemble.predict_many([s.path for s in samples], batch_size=8))
-    failed = [p.source for p in predictions if p.status != "ok"]
-    if failed:
-        raise BundleError(f"{len(failed)} validation images could not be read (first: {failed[0]}); fix or remove them")
-    y = _targets(samples, ensemble.task, ensemble.labels)
-    return y, np.array([p.probabilities[ensemble.labels[1]] for p in predictions])
+    def tensors_for(self, name: str) -> None:
+        return None  # decoded by the runtime, never held in memory
 
-
-def describe_sources(manifest: Manifest) -> list[dict[str, Any]]:
-    """Per member: name, precision, weight, where it came from and its sha256 (for tables)."""
-    return [
-        {"name": m.name, "precision": m.precision, "weight": m.weight, "input": (m.origin or {}).get("input", ""),
-         "sha256": m.sha256, "spec": m.card.spec}
-        for m in manifest.members
-    ]
-
+    def probabilities(self, sources: Sequence[MemberSource]) -> np.ndarray:
+        """The ensemble of `sources` on the images, through a provisional bundle and `load`."""
+        with tempfile.TemporaryDirectory(prefix="pneumoedge-threshold-") as tmp:
+            write_bundle(tmp, sources, labels=self.labels, task=self.task, threshold=0.5 if self.task == "binary" else None,
+                         threshold_method="provisional", default_precision=sources[0].precision)
+            ensemble = load(tmp, threads=1)
+            self.progress(f"choosing the threshold on {len(self.samples)} labelled images ({self.split})")
+            predictions = list(ensemble.predict_many([s.path for s in self.samples], batch_size=8))
+        failed = [p.source for p in predictions if p.status != "ok"]
+        if failed:
+            raise BundleError(f"{len(failed)} validation images could not be read (first: {failed[0]}); fix or remove them")
+        return np.array([[p.probabilities[label] for label in self.labels] for p in predictions], dtype=np.float64)

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from pneumoedge.export.evaluation import evaluate_model
-    from pneumoedge.export.pipeline import SYNTHETIC_NOTICE, export_runs
+    from pneumoedge.export.bundle_builder import BundleOptions, Int8Options
+    from pneumoedge.export.pipeline import export_runs
+    from pneumoedge.export.report import SYNTHETIC_NOTICE
 
     started = time.perf_counter()
     data = args.work / "data"
@@ -75,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.work / "evaluation", ignore_errors=True)
     runs, trained, decode_ms = _generate_and_train(args, data, started)
     staging = args.work / "bundle"
-    bundle = export_runs(
-        runs, staging, int8=True, on_fail="warn", name="pneumoedge-default-demo", progress=print,
+    options = BundleOptions(
+        int8=Int8Options(enabled=True), name="pneumoedge-default-demo",
         provenance={
             "notice": SYNTHETIC_NOTICE,
             "intended_use": "demonstration and smoke tests of the pneumoedge pipeline only",
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             **({"build_note": args.note} if args.note else {}),
         },
     )
+    bundle = export_runs(runs, staging, options, progress=print)
     test_metrics = {}
     for precision in ("fp32", "int8"):
         m = evaluate_model(staging, data / "test", args.work / "evaluation" / precision, precision=precision)
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 def _generate_and_train(args: argparse.Namespace, data: Path, started: float) -> tuple[list[Path], dict, dict[str, dict[str, float]]]:
     """Phantoms into WORK/data, then one run per architecture in WORK/runs/<arch>/."""
     from pneumoedge.datasets import phantoms
-    from pneumoedge.export.training import train
+    from pneumoedge.export.training import TrainingOptions, train
 
     if not (args.reuse_runs and phantoms.is_synthetic(data)):
         if args.work.exists():
@@ -144,8 +147,8 @@ def _generate_and_train(args: argparse.Namespace, data: Path, started: float) ->
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run from an interrupted build
         epochs = max(1, round(epochs * args.epochs_scale))
         result = train(
-            data, arch, run_dir, epochs=epochs, batch_size=16, seed=args.seed, patience=epochs,
-            decode_reduction=args.decode_reduction, lr_schedule="cosine",
+            data, arch, run_dir,
+            TrainingOptions(epochs=epochs, batch_size=16, seed=args.seed, patience=epochs, decode_reduction=args.decode_reduction, lr_schedule="cosine"),
             on_epoch=lambda e, n, logs: print(f"  {arch} epoch {e}/{n}: loss {logs.get('loss', 0):.3f} val_loss {logs.get('val_loss', 0):.3f} val_acc {logs.get('val_accuracy', 0):.3f} val_auc {logs.get('val_auc', 0):.3f}", flush=True),
         )
         runs.append(result.run_dir)

@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     if args.record:
-        from pneumoedge.bundle import MANIFEST, write_json_atomic
+        from pneumoedge.atomic import write_json_atomic
+        from pneumoedge.bundle import MANIFEST
 
         manifest = json.loads((args.model / MANIFEST).read_text())
         manifest.setdefault("provenance", {})["heatmaps"] = {k: v for k, v in figures.items() if k in ("localisation", "sanity", "cost", "graph_overhead", "machine", "synthetic")}

@@ -35,9 +35,9 @@ def phantom_root(base: Path) -> Path:
 def tiny_run(base: Path) -> Any:
     """A cnn3_gray150 run at 64 px, 2 epochs, on `phantom_root` (RunResult), cached."""
     if "run" not in _CACHE:
-        from pneumoedge.export.training import train
+        from pneumoedge.export.training import TrainingOptions, train
 
-        _CACHE["run"] = train(phantom_root(base), "cnn3_gray150", base / "runs" / "cnn3", epochs=2, size=TINY, batch_size=16, seed=1, patience=2)
+        _CACHE["run"] = train(phantom_root(base), "cnn3_gray150", base / "runs" / "cnn3", TrainingOptions(epochs=2, size=TINY, batch_size=16, seed=1, patience=2))
     return _CACHE["run"]
 
 

@@ -19,7 +19,7 @@ import pneumoedge
 from pneumoedge import imageio
 from pneumoedge.bundle import MemberSource, ModelCard, read_manifest, sha256_file, write_bundle
 from pneumoedge.cli import app
-from pneumoedge.export.evaluation import choose_threshold
+from pneumoedge import thresholds
 from pneumoedge.export.onnx_wrap import wrap_onnx
 from pneumoedge.export.quantization import RECIPES, quantize_with
 from pneumoedge.preprocessing import PreprocessSpec, preprocess
@@ -157,7 +157,7 @@ def test_threshold_disagreement_is_refused_then_chosen_on_validation(models: dic
     manifest = read_manifest(tmp_path / "chosen")
     files = [*sorted((data / "NORMAL").iterdir()), *sorted((data / "PNEUMONIA").iterdir())]
     y = np.array([0] * 5 + [1] * 5)
-    expected = choose_threshold(y, _p(tmp_path / "chosen", files), "sensitivity:0.95")
+    expected = thresholds.choose("sensitivity:0.95", y, _p(tmp_path / "chosen", files)).as_dict()
     assert manifest.threshold == pytest.approx(expected["threshold"])
     assert manifest.provenance["threshold"]["images"] == 10
 

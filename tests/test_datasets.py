@@ -29,6 +29,7 @@ from pneumoedge.datasets import (
     write_examples,
 )
 from pneumoedge.datasets import phantoms
+from pneumoedge.datasets.drawing import work_shape
 from pneumoedge.imageio import read_pixels
 
 SMALL = {
@@ -268,7 +269,7 @@ def test_signs_raise_lung_density():
     def lung_contrast(kind: str, seed: int) -> float:
         rng = np.random.default_rng(seed)
         anatomy = phantoms._draw_anatomy(rng, kind)
-        h, w = phantoms._work_shape(96, 96)
+        h, w = work_shape(96, 96)
         img, lungs = phantoms._anatomy_image(anatomy, h, w)
         img = img + phantoms._pathology(anatomy, kind, rng, lungs)
         inside = lungs > 0.9

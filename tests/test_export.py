@@ -72,7 +72,8 @@ def test_parity_refusal_with_absurd_tolerance(export_base: Path, tmp_path: Path)
 
 def test_foreign_rgb_softmax_model_runs_in_the_runtime_like_keras(export_base: Path, tmp_path: Path) -> None:
     import pneumoedge
-    from pneumoedge.export.pipeline import export_foreign
+    from pneumoedge.export.bundle_builder import BundleOptions
+    from pneumoedge.export.foreign import export_foreign
 
     model = foreign_rgb_model(48)
     path = tmp_path / "their_model.keras"
@@ -80,7 +81,7 @@ def test_foreign_rgb_softmax_model_runs_in_the_runtime_like_keras(export_base: P
     labels = ("NORMAL", "BACTERIAL", "VIRAL")
     # Rescaling is inside the model: the declared spec feeds raw 0..255 pixels, gray files expanded to RGB.
     spec = PreprocessSpec(height=48, width=48, color="rgb", resize="bilinear", scale=1.0, offset=0.0)
-    result = export_foreign(path, tmp_path / "bundle", spec=spec, labels=labels, head="softmax", images=phantom_root(export_base) / "test")
+    result = export_foreign(path, tmp_path / "bundle", BundleOptions(images=phantom_root(export_base) / "test"), spec=spec, labels=labels, head="softmax")
     assert result.manifest.task == "multiclass" and result.manifest.labels == labels
     ensemble = pneumoedge.load(tmp_path / "bundle")
     files = sorted((phantom_root(export_base) / "test").rglob("*.*"))
@@ -155,3 +156,26 @@ def test_runs_to_ensemble_bundle_with_weights(export_base: Path, tmp_path: Path)
     assert 0.0 <= manifest.threshold <= 1.0 and "validation" in manifest.threshold_method
     assert all(m["parity_max_abs_diff"] < 1e-4 for m in manifest.provenance["members"].values())
     assert result.metrics["validation_fp32"]["images"] > 0
+
+
+def test_no_search_reaches_the_int8_search_for_a_foreign_keras_model(export_base: Path, tmp_path: Path) -> None:
+    """`--no-search` is one option of the one bundle builder: a foreign Keras model's int8 tries only the first recipe."""
+    from typer.testing import CliRunner
+
+    from pneumoedge.bundle import read_manifest
+    from pneumoedge.cli import app
+
+    path = tmp_path / "their_model.keras"
+    foreign_rgb_model(32).save(path)
+    images = phantom_root(export_base) / "test"
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, [
+        "export", str(path), "--out", str(out), "--size", "32", "32", "--color", "rgb", "--scale", "1", "--labels",
+        "NORMAL,BACTERIAL,VIRAL", "--head", "softmax", "--images", str(images), "--no-heatmap", "--int8", "--calibration", str(images),
+        "--no-search", "--int8-max-diff", "0", "--int8-min-agreement", "1", "--int8-budget", "20",
+    ])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    tried = manifest.provenance["int8"]["tried"]
+    assert [t["recipe"]["name"] for t in tried] == ["u8s8"], tried  # the search would have tried more: nothing meets max diff 0
+    assert manifest.default_precision == "fp32" and manifest.provenance["int8"]["ok"] is False

@@ -141,7 +141,7 @@ def test_reinitialised_head_or_last_block_gives_different_maps(export_base: Path
 
     from pneumoedge.export.architectures import get_architecture
     from pneumoedge.export.gradcam import explain_model, gradcam_reference, pearson
-    from pneumoedge.export.onnx_export import load_tensors
+    from pneumoedge.export.tensors import load_tensors
 
     keras.utils.set_random_seed(21)
     model = randomize_batchnorm(get_architecture("cnn3_gray150").build(size=(64, 64)))

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import pneumoedge
 from pneumoedge.cli import app
+from pneumoedge.export.quantization import qdq_node_count
 from tests.conftest import gradient_image
 from tests.foreign_models import cnn, forward, set_opset, softmax
 
@@ -206,8 +207,11 @@ def test_int8_bundle_for_a_wrapped_model_goes_through_the_checked_search(tmp_pat
     int8 = manifest.members_for("int8")[0]
     assert int8.card.explain and int8.card.explain["heatmap_output"] == "pneumoedge_heatmap"
     assert int8.origin["sha256"] == pneumoedge.bundle.sha256_file(source)
+    check = int8.card.explain["int8_check"]  # its heatmaps were compared with the fp32 graph's, as a Keras member's are
+    assert check["images"] > 0 and check["heatmap_from"] in ("int8", "fp32") and -1.0 <= check["min_correlation"] <= 1.0
     chosen = manifest.provenance["int8"]["chosen"]
-    assert chosen["max_prob_diff"] <= 0.2 and chosen["qdq_nodes"] >= 0
+    assert chosen["max_prob_diff"] <= 0.2
+    assert chosen["qdq_nodes"] == qdq_node_count(int8.path) > 0  # the provenance describes the file in the bundle
     assert manifest.provenance["wrapped"]["identical"] is True
     int8_model = onnx.load(str(int8.path))
     assert "pneumoedge_quantization" in {p.key for p in int8_model.metadata_props}

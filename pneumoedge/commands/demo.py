@@ -11,8 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
 
-from pneumoedge.commands.options import CLINICAL_NOTE
-from pneumoedge.export.cli_support import export_errors
+from pneumoedge.commands.options import CLINICAL_NOTE, user_errors
 
 
 def demo_command(
@@ -26,8 +25,9 @@ def demo_command(
     synthetic phantoms: a demonstration of the pipeline, not a clinical model.
     """
     console = Console()
-    with export_errors():
-        from pneumoedge.export.pipeline import SYNTHETIC_NOTICE, run_demo
+    with user_errors():
+        from pneumoedge.export.demo import run_demo
+        from pneumoedge.export.report import SYNTHETIC_NOTICE
 
         folder = out or Path(tempfile.mkdtemp(prefix="pneumoedge-demo-", dir="."))
         console.print(f"pneumoedge demo ({'quick' if quick else 'full'}) into [bold]{folder}[/]; {SYNTHETIC_NOTICE}")

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
 
-from pneumoedge.export.cli_support import export_errors
+from pneumoedge.commands.options import user_errors
 
 
 def evaluate_command(
@@ -25,7 +25,7 @@ def evaluate_command(
     A run folder is evaluated with Keras (needs the [export] extra); a bundle or .onnx with the
     runtime (onnxruntime only), exactly as `infer` would run it.
     """
-    with export_errors():
+    with user_errors():
         from pneumoedge.export.evaluation import evaluate_model, evaluate_run
         from pneumoedge.export.training import is_run_dir
 

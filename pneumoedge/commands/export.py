@@ -10,8 +10,13 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
 
-from pneumoedge.export.cli_support import export_errors
-from pneumoedge.export.errors import ExportError
+from pneumoedge.commands.options import CLINICAL_NOTE, parse_floats, parse_names, parse_scale, user_errors
+from pneumoedge.export.bundle_builder import BundleOptions, BundleResult, Int8Options
+from pneumoedge.export.onnx_export import ExportResult
+from pneumoedge.export.onnx_wrap import WrapResult
+from pneumoedge.export.quantization import Tolerance
+from pneumoedge.export.report import write_report_json
+from pneumoedge.preprocessing import PreprocessSpec
 
 
 def export_command(
@@ -59,55 +64,44 @@ def export_command(
     that the runtime reproduces what its training pipeline did.
     """
     console = Console()
-    with export_errors():
-        from pneumoedge.export.onnx_export import ExportResult, parse_floats, parse_scale
-        from pneumoedge.export.pipeline import export_foreign, export_runs, write_report_json
-        from pneumoedge.export.quantization import Tolerance
-        from pneumoedge.export.training import is_run_dir
-        from pneumoedge.preprocessing import PreprocessSpec
+    with user_errors():
+        from pneumoedge.export.front_doors import Declared, export_models
 
-        tol8 = Tolerance(max_prob_diff=int8_max_diff, min_agreement=int8_min_agreement)
-        on_fail = "refuse" if strict_int8 else "warn"
-        progress = lambda message: console.print(message, highlight=False)  # noqa: E731
-        runs = [m for m in models if is_run_dir(m)]
-        if runs and len(runs) != len(models):
-            raise ExportError("give either run folders (from `pneumoedge train`) or one foreign model, not a mix")
-        if len(models) == 1 and models[0].suffix.lower() == ".onnx" and not runs:
-            _wrap_onnx(models[0], out, console, progress, size=size, color=color, resize=resize, scale=scale, offset=offset,
-                       mean=mean, std=std, high_bit_depth=high_bit_depth, dicom_voi=dicom_voi, layout=layout, labels=labels,
-                       head=head, images=images, threshold=threshold, heatmap=heatmap, int8=int8, calibration=calibration,
-                       int8_options=dict(tolerance=tol8, recipe=recipe, calibrate_method=calibration_method, search=not no_search, on_fail=on_fail, budget_s=int8_budget),
-                       name=name, reference=reference)
-            return
-        if runs:
-            weight_list = [float(w) for w in parse_floats(weights, "--weights")] if weights else None
-            result = export_runs(
-                runs, out, weights=weight_list, int8=int8, calibration=calibration, images=images,
-                parity_tolerance=tolerance, int8_tolerance=tol8, recipe=recipe, calibrate_method=calibration_method,
-                search=not no_search, int8_budget=int8_budget, on_fail=on_fail, threshold_method=threshold_method, name=name, progress=progress,
-                heatmaps=heatmap, heatmap_layer=heatmap_layer,
-            )
-        else:
-            if len(models) != 1:
-                raise ExportError("a foreign model is exported one at a time; for an ensemble, export each and train runs")
-            if not size:
-                raise ExportError(f"{models[0]} is not a pneumoedge run folder: declare its preprocessing, at least --size H W (see --help)")
+        spec = None
+        if size:
             spec = PreprocessSpec(
                 height=size[0], width=size[1], color=color, resize=resize, scale=parse_scale(scale), offset=offset,
-                mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), high_bit_depth=high_bit_depth, dicom_voi=dicom_voi,
+                mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), high_bit_depth=high_bit_depth,
+                dicom_voi=dicom_voi, layout=layout.upper(),
             )
-            label_list = [x.strip() for x in labels.split(",") if x.strip()]
-            result = export_foreign(
-                models[0], out, spec=spec, labels=label_list, head=head, images=images, parity_tolerance=tolerance,
-                int8=int8, calibration=calibration, int8_tolerance=tol8, recipe=recipe, calibrate_method=calibration_method,
-                on_fail=on_fail, threshold=threshold, name=name, progress=progress,
-                heatmaps=heatmap, heatmap_layer=heatmap_layer, reference=reference, int8_budget=int8_budget,
-            )
-        if isinstance(result, ExportResult):
-            console.print(f"wrote [bold]{result.onnx_path}[/] ({result.size_bytes / 1024:.0f} KB, {result.nodes} nodes); "
-                          f"parity max |p_keras - p_onnx| = {result.parity.max_abs_diff:.2e} on {result.parity.source}")
-            return
-        report = write_report_json(Path(out).with_name(Path(out).name + ".export-report.json"), result.report())
+        options = BundleOptions(
+            int8=Int8Options(
+                enabled=int8, tolerance=Tolerance(max_prob_diff=int8_max_diff, min_agreement=int8_min_agreement),
+                recipe=recipe, calibrate_method=calibration_method, search=not no_search, budget_s=int8_budget,
+                on_fail="refuse" if strict_int8 else "warn", calibration=calibration,
+            ),
+            parity_tolerance=tolerance, images=images, heatmaps=heatmap, heatmap_layer=heatmap_layer,
+            reference=reference, threshold=threshold_method, name=name,
+        )
+        result = export_models(
+            models, out, options, declared=Declared(spec, parse_names(labels), head, threshold),
+            weights=list(parse_floats(weights, "--weights")) if weights else None,
+            progress=lambda message: console.print(message, highlight=False),
+        )
+        report = write_report_json(Path(out).with_name(Path(out).name + ".export-report.json"), result.report()) \
+            if isinstance(result, BundleResult) else None
+    wrapped = result.members[0].export if isinstance(result, BundleResult) else result
+    if isinstance(wrapped, WrapResult):
+        _print_wrapped(console, wrapped, result if isinstance(result, BundleResult) else None)
+    elif isinstance(result, ExportResult):
+        console.print(f"wrote [bold]{result.onnx_path}[/] ({result.size_bytes / 1024:.0f} KB, {result.nodes} nodes); "
+                      f"parity max |p_keras - p_onnx| = {result.parity.max_abs_diff:.2e} on {result.parity.source}")
+    else:
+        _print_bundle(console, result, report)
+
+
+def _print_bundle(console: Console, result: BundleResult, report: Path) -> None:
+    """The members of a new bundle with their parity and int8 checks, the threshold and the metrics."""
     table = Table(title=f"bundle {result.bundle_dir} (default precision {result.manifest.default_precision})", title_justify="left")
     for column in ("member", "precision", "file", "KB", "parity / int8 check"):
         table.add_column(column)
@@ -130,31 +124,14 @@ def export_command(
     console.print(f"report: {report}")
 
 
-def _wrap_onnx(source: Path, out: Path, console: Console, progress, *, size, color, resize, scale, offset, mean, std,
-               high_bit_depth, dicom_voi, layout, labels, head, images, threshold, heatmap, int8, calibration, int8_options, name,
-               reference=None) -> None:
-    """A foreign .onnx: check it against the declared spec and wrap it unchanged (pneumoedge.export.onnx_wrap)."""
-    from pneumoedge.export.onnx_export import parse_floats, parse_scale
-    from pneumoedge.export.onnx_wrap import export_onnx
-    from pneumoedge.preprocessing import PreprocessSpec
-
-    if not size:
-        raise ExportError(f"{source}: declare the preprocessing its training used, at least --size H W and --layout (see --help, docs/pytorch.md)")
-    spec = PreprocessSpec(
-        height=size[0], width=size[1], color=color, resize=resize, scale=parse_scale(scale), offset=offset,
-        mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), high_bit_depth=high_bit_depth,
-        dicom_voi=dicom_voi, layout=layout.upper(),
-    )
-    label_list = [x.strip() for x in labels.split(",") if x.strip()]
-    result, manifest, quantized = export_onnx(
-        source, out, spec=spec, labels=label_list, head=head, images=images, threshold=threshold, heatmap=heatmap,
-        int8=int8, calibration=calibration, int8_options=int8_options, name=name, progress=progress, reference=reference,
-    )
+def _print_wrapped(console: Console, result: WrapResult, bundle: Optional[BundleResult]) -> None:
+    """A wrapped foreign .onnx: the equality evidence, the int8 choice, a few files' probabilities."""
     eq = result.equality
-    console.print(f"wrapped [bold]{source}[/] (opset {result.opset}, batch {'fixed 1' if result.fixed_batch else 'dynamic'}): "
+    console.print(f"wrapped [bold]{result.source}[/] (opset {result.opset}, batch {'fixed 1' if result.fixed_batch else 'dynamic'}): "
                   f"graph unchanged except metadata{' and heatmap outputs' if result.explain else ''} ({eq['graph_unchanged']}); "
                   f"output identical bit for bit on {eq['tensors']} tensors ({eq['identical']}, {eq['source']})", highlight=False)
     console.print(result.heatmap_note, highlight=False)
+    quantized = bundle.members[0].int8 if bundle is not None else None
     if quantized is not None and quantized.chosen is not None:
         c = quantized.chosen
         console.print(f"int8: {c.recipe.name}: max diff {c.max_prob_diff:.4f}, agreement {c.agreement:.3f}, {c.latency_ms:.2f} ms "
@@ -167,8 +144,8 @@ def _wrap_onnx(source: Path, out: Path, console: Console, progress, *, size, col
         for file, probs in result.sample_probabilities:
             table.add_row(Path(file).name, *(f"{probs[label]:.6f}" for label in result.card.labels))
         console.print(table)
-    where = manifest.root if manifest is not None else result.onnx_path
-    console.print(f"wrote [bold]{where}[/]. Decision support for clinicians only, never a diagnosis.", highlight=False)
+    where = bundle.bundle_dir if bundle is not None else result.onnx_path
+    console.print(f"wrote [bold]{where}[/]. {CLINICAL_NOTE}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -5,21 +5,32 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Union
 
 import typer
 from rich.console import Console
 from typing_extensions import Annotated
 
 from pneumoedge.bundle import BundleError
+from pneumoedge.datasets.kaggle import DatasetError
+from pneumoedge.export.errors import ExportError
 from pneumoedge.imageio import ImageError
 from pneumoedge.preprocessing import SpecError
 from pneumoedge.runtime.folder import InputError
 from pneumoedge.runtime.results import OutputError
 from pneumoedge.runtime.sessions import DeviceError
+from pneumoedge.thresholds import ThresholdError
+from pneumoedge.validation.metrics import MetricsError
 
 #: Exit code for a usage or configuration error (bad model, unavailable device, bad option).
 EXIT_USAGE = 2
+#: What a training-side verb says when the [export] extra is missing.
+EXPORT_EXTRA_HINT = 'this command needs the training extra: pip install "pneumoedge[export]"'
+#: Modules of the [export] extra: a verb that misses one says which extra to install.
+EXPORT_EXTRA_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx", "matplotlib", "sympy")
+#: The library's errors that are the user's to fix (a one-line message, exit 2).
+USER_ERRORS = (BundleError, DatasetError, DeviceError, ExportError, ImageError, InputError, MetricsError, OutputError,
+               SpecError, ThresholdError, OSError)
 
 CLINICAL_NOTE = "Decision support for clinicians only, never a diagnosis."
 
@@ -61,13 +72,50 @@ class UserError(Exception):
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's user-facing errors into a one-line message and exit code 2."""
+    """THE CLI error layer: the library's user-facing errors (and a missing [export] extra) as one line, exit 2."""
     try:
         yield
-    except (UserError, BundleError, DeviceError, SpecError, ImageError, InputError, OutputError, OSError) as exc:
+    except ModuleNotFoundError as exc:
+        if not (exc.name and exc.name.split(".")[0] in EXPORT_EXTRA_MODULES):
+            raise
+        _fail(f"{EXPORT_EXTRA_HINT} (missing module {exc.name!r})")
+    except (UserError, *USER_ERRORS) as exc:
         logging.getLogger("pneumoedge").debug("user error", exc_info=True)
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        _fail(str(exc))
+
+
+def _fail(message: str) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE) from None
+
+
+def parse_scale(text: Union[str, float]) -> float:
+    """'1/255', '0.0039', 1 -> float; a UserError otherwise."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    value = str(text).strip()
+    try:
+        if "/" in value:
+            num, den = value.split("/", 1)
+            return float(num) / float(den)
+        return float(value)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"scale must be a number or a fraction like 1/255, got {text!r}") from None
+
+
+def parse_floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
+    """'0.485,0.456,0.406' -> a tuple of floats (None stays None); a UserError otherwise."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        return tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def parse_names(text: str) -> list[str]:
+    """'NORMAL, PNEUMONIA' -> ['NORMAL', 'PNEUMONIA'] (empty items dropped)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def model_arg(models: Optional[List[Path]]):

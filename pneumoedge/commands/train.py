@@ -11,8 +11,8 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from pneumoedge.export.architectures import ARCHITECTURES
-from pneumoedge.export.cli_support import export_errors
-from pneumoedge.export.evaluation import DEFAULT_THRESHOLD_METHOD
+from pneumoedge.commands.options import user_errors
+from pneumoedge.thresholds import DEFAULT_THRESHOLD_METHOD
 
 _ARCH_HELP = "Architecture: " + "; ".join(f"{name} ({a.description})" for name, a in ARCHITECTURES.items())
 
@@ -40,10 +40,10 @@ def train_command(
     Every training tensor comes from the same preprocess() the runtime uses. The training split
     is re-split by patient into train/validation; the decision threshold is chosen on validation.
     """
-    with export_errors():
+    with user_errors():
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from pneumoedge.export.training import train
+        from pneumoedge.export.training import TrainingOptions, train
 
         console = Console()
         run_dir = out or Path("runs") / arch
@@ -54,12 +54,12 @@ def train_command(
                 info = f"epoch {epoch}: loss {logs.get('loss', 0):.3f} val_loss {logs.get('val_loss', 0):.3f} val_acc {logs.get('val_accuracy', 0):.3f}"
                 progress.update(bar, completed=epoch, info=info)
 
-            result = train(
-                data_dir, arch, run_dir, task=task, epochs=epochs, batch_size=batch_size, seed=seed,
-                val_fraction=val_fraction, balance=balance, size=tuple(size) if size else None, patience=patience,
-                learning_rate=learning_rate, threshold_method=threshold, augment=not no_augment,
-                decode_reduction=decode_reduction, lr_schedule=lr_schedule, on_epoch=on_epoch,
+            options = TrainingOptions(
+                task=task, epochs=epochs, batch_size=batch_size, seed=seed, val_fraction=val_fraction, balance=balance,
+                size=tuple(size) if size else None, patience=patience, learning_rate=learning_rate, threshold_method=threshold,
+                augment=not no_augment, decode_reduction=decode_reduction, lr_schedule=lr_schedule,
             )
+            result = train(data_dir, arch, run_dir, options, on_epoch=on_epoch)
             progress.update(bar, completed=epochs)
         table = Table(title=f"{arch}: {result.epochs_run} epochs (best {result.best_epoch}), {result.seconds:.0f} s", title_justify="left")
         for column in ("split", "images", "accuracy", "ROC AUC", "sensitivity", "specificity"):

@@ -11,33 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-_WORK_SIDE = 384
-_BACKGROUND = 0.04
-
-
-def _work_shape(height: int, width: int) -> tuple[int, int]:
-    scale = _WORK_SIDE / max(height, width)
-    return max(32, round(height * scale)), max(32, round(width * scale))
-
-
-def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
-    return cv2.GaussianBlur(img, (0, 0), max(sigma_px, 0.3))
-
-
-def _pt(x: float, y: float, h: int, w: int) -> tuple[int, int]:
-    return int(round(x * w)), int(round(y * h))
-
-
-def _band_noise(rng: np.random.Generator, h: int, w: int, fine: float, coarse: float) -> np.ndarray:
-    """Band-passed noise scaled to -1..1: a texture between `fine` and `coarse` pixels."""
-    noise = rng.standard_normal((h, w)).astype(np.float32)
-    band = _blur(noise, fine) - _blur(noise, coarse)
-    return band / (float(np.abs(band).max()) + 1e-6)
-
-
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-
+from pneumoedge.datasets.drawing import BACKGROUND, band_noise, blur, pt, to_uint8, work_shape
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0, 1)
@@ -74,11 +48,11 @@ def _bone(h: int, w: int, p0, p1, half_width: float, end0: float, end1: float, r
     dist = cv2.distanceTransform((mask > 127).astype(np.uint8), cv2.DIST_L2, 3)
     cortex = np.exp(-dist / max(1.0, 0.3 * half_width * w))  # path length through a tube peaks at its rim
     inside = mask.astype(np.float32) / 255
-    spongy = _blur(ends.astype(np.float32) / 255, 2.0) * inside
-    texture = 0.5 + 0.5 * _band_noise(rng, h, w, 0.5, 2.0)
+    spongy = blur(ends.astype(np.float32) / 255, 2.0) * inside
+    texture = 0.5 + 0.5 * band_noise(rng, h, w, 0.5, 2.0)
     # Thick cortex along the shaft, thin over the ends; the ends' trabeculae give them a grain.
     density = inside * (0.32 + 0.62 * cortex * (1 - 0.6 * spongy)) + spongy * (0.12 * texture - 0.05)
-    return _blur(density, 0.6)
+    return blur(density, 0.6)
 
 
 def _soft_tissue(h: int, w: int, cx: float, half_width: float, rng: np.random.Generator) -> np.ndarray:
@@ -89,7 +63,7 @@ def _soft_tissue(h: int, w: int, cx: float, half_width: float, rng: np.random.Ge
     outline = np.vstack([np.c_[x - half, y], np.c_[x + half, y][::-1]]) * (w, h)
     soft = np.zeros((h, w), np.float32)
     cv2.fillPoly(soft, [np.round(outline).astype(np.int32)], 1.0, cv2.LINE_AA)
-    return _blur(soft, 0.015 * w)
+    return blur(soft, 0.015 * w)
 
 
 def _limb_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -109,8 +83,8 @@ def _limb_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
             fx = cx + 0.07 * scale * rng.choice([-1, 1])
             bones.append(_bone(h, w, (fx, joint_y + gap / 2 + 0.07), (fx + 0.01, 1.2), shaft * 0.35, 0.02 * scale, 0, rng))
             patella = np.zeros((h, w), np.float32)
-            cv2.ellipse(patella, _pt(cx + 0.01, joint_y - 0.05 * scale, h, w), (int(0.04 * scale * w), int(0.055 * scale * w)), 0, 0, 360, 1.0, -1, cv2.LINE_AA)
-            bones.append(0.25 * _blur(patella, 2.0))
+            cv2.ellipse(patella, pt(cx + 0.01, joint_y - 0.05 * scale, h, w), (int(0.04 * scale * w), int(0.055 * scale * w)), 0, 0, 360, 1.0, -1, cv2.LINE_AA)
+            bones.append(0.25 * blur(patella, 2.0))
             tissue_half = 0.2 * scale
         else:  # radius and ulna below the humerus
             for dx, half, end in ((-0.03, 0.55, 0.03), (0.035, 0.6, 0.035)):
@@ -121,17 +95,17 @@ def _limb_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
             bones.append(_bone(h, w, (cx + x0 * scale, 0.02), (cx + x1 * scale, 0.76), shaft * half, 0.025 * scale, end * scale, rng))
         carpals = np.zeros((h, w), np.float32)
         for _ in range(7):
-            cv2.ellipse(carpals, _pt(cx + rng.uniform(-0.05, 0.05) * scale, rng.uniform(0.8, 0.9), h, w),
+            cv2.ellipse(carpals, pt(cx + rng.uniform(-0.05, 0.05) * scale, rng.uniform(0.8, 0.9), h, w),
                         (int(rng.uniform(0.012, 0.02) * scale * w), int(rng.uniform(0.01, 0.016) * scale * w)),
                         rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA)
-        bones.append(0.45 * _blur(carpals, 1.2))
+        bones.append(0.45 * blur(carpals, 1.2))
         tissue_half = 0.11 * scale
     else:  # a whole humerus or femur with both ends
         bones.append(_bone(h, w, (cx, 0.1), (cx + rng.normal(0, 0.02), 0.9), shaft, 0.06 * scale, 0.075 * scale, rng))
         tissue_half = 0.18 * scale
     soft = _soft_tissue(h, w, cx, tissue_half, rng)
-    muscle = _blur(soft * (0.5 + 0.5 * _band_noise(rng, h, w, 6, 20)), 3)  # uneven muscle and fat
-    img = np.full((h, w), _BACKGROUND, np.float32) + 0.2 * soft + 0.05 * muscle
+    muscle = blur(soft * (0.5 + 0.5 * band_noise(rng, h, w, 6, 20)), 3)  # uneven muscle and fat
+    img = np.full((h, w), BACKGROUND, np.float32) + 0.2 * soft + 0.05 * muscle
     img += rng.uniform(0.5, 0.65) * sum(bones)
     return img
 
@@ -151,12 +125,12 @@ def _skull_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     def at(u: float, v: float) -> tuple[int, int]:  # a point in units of the vault's half-axes
         return int(round(cx + u * ax)), int(round(cy + v * ay))
 
-    img = np.full((h, w), _BACKGROUND, np.float32)
+    img = np.full((h, w), BACKGROUND, np.float32)
     head = np.zeros((h, w), np.float32)
     cv2.ellipse(head, centre, (int(ax * 1.07), int(ay * 1.06)), 0, 0, 360, 1.0, -1, cv2.LINE_AA)
     cv2.ellipse(head, at(0, 0.9), (int(ax * 0.8), int(ay * 0.55)), 0, 0, 360, 1.0, -1, cv2.LINE_AA)
     cv2.rectangle(head, at(-0.5, 1.1), (int(cx + 0.5 * ax), h), 1.0, -1)  # neck
-    img += 0.2 * _blur(head, 0.03 * s)
+    img += 0.2 * blur(head, 0.03 * s)
 
     # Vault: the shell seen edge-on at the rim (bright), twice face-on inside (moderate), down to the skull base.
     upper = np.zeros((h, w), np.float32)
@@ -169,9 +143,9 @@ def _skull_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     tables = np.zeros((h, w), np.float32)
     _ring(tables, centre, (int(ax - 1), int(ay - 1)), 2, 1.0, arc)
     _ring(tables, centre, (int(ax - shell), int(ay - shell)), 2, 1.0, arc)
-    diploe = 0.5 + 0.5 * _band_noise(rng, h, w, 0.6, 2.5)
-    img += 0.2 * _blur(upper, 2.0) * (0.85 + 0.3 * _band_noise(rng, h, w, 4, 15))
-    img += 0.22 * _blur(rim, 1.0) * (0.5 + 0.5 * diploe) + 0.18 * _blur(tables, 0.8)
+    diploe = 0.5 + 0.5 * band_noise(rng, h, w, 0.6, 2.5)
+    img += 0.2 * blur(upper, 2.0) * (0.85 + 0.3 * band_noise(rng, h, w, 4, 15))
+    img += 0.22 * blur(rim, 1.0) * (0.5 + 0.5 * diploe) + 0.18 * blur(tables, 0.8)
     grooves = np.zeros((h, w), np.float32)  # vascular grooves and sutures: faint dark lines
     for _ in range(int(rng.integers(4, 9))):
         p = np.array(at(rng.uniform(-0.6, 0.6), -rng.uniform(0.2, 0.9)), float)
@@ -180,7 +154,7 @@ def _skull_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
             q = p + 0.08 * s * np.array([np.cos(a), np.sin(a)])
             cv2.line(grooves, tuple(p.astype(int)), tuple(q.astype(int)), 1.0, 1, cv2.LINE_AA)
             p, a = q, a + rng.normal(0, 0.4)
-    img -= 0.04 * _blur(grooves, 0.8) * upper
+    img -= 0.04 * blur(grooves, 0.8) * upper
 
     bone, air = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
     for side in (-1, 1):
@@ -193,7 +167,7 @@ def _skull_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         cv2.ellipse(air, at(side * 0.3, 0.62), (int(ax * 0.16), int(ay * 0.12)), 0, 0, 360, 0.7, -1, cv2.LINE_AA)  # maxillary sinuses
     cv2.fillPoly(air, [np.array([at(0, 0.38), at(-0.12, 0.76), at(0.12, 0.76)], np.int32)], 0.9, cv2.LINE_AA)  # nasal cavity
     cv2.line(bone, at(0, 0.42), at(0, 0.76), 0.6, max(1, int(0.012 * s)), cv2.LINE_AA)  # septum
-    img += 0.22 * _blur(bone, 1.2) - 0.1 * _blur(air, 1.5)
+    img += 0.22 * blur(bone, 1.2) - 0.1 * blur(air, 1.5)
 
     jaw, teeth = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
     cv2.ellipse(jaw, at(0, 0.98), (int(ax * 0.66), int(ay * 0.42)), 0, 5, 175, 1.0, max(3, int(0.09 * s)), cv2.LINE_AA)  # mandible
@@ -206,14 +180,14 @@ def _skull_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
             tall = rng.uniform(0.09, 0.12) * (1 - 0.03 * abs(k))
             top = v - lift - tall if row == 0 else v - lift
             cv2.rectangle(teeth, at(u - 0.021, top), at(u + 0.021, top + tall), 1.0, -1)
-    img += 0.25 * _blur(jaw, 1.5) + 0.35 * _blur(teeth, 1.0)
+    img += 0.25 * blur(jaw, 1.5) + 0.35 * blur(teeth, 1.0)
 
     spine = np.zeros((h, w), np.float32)
     v = 1.05
     while cy + v * ay < h:  # cervical vertebral bodies with their disc spaces
         cv2.rectangle(spine, at(-0.16, v), at(0.16, v + 0.13), 1.0, -1)
         v += 0.17
-    img += 0.2 * _blur(spine, 1.5)
+    img += 0.2 * blur(spine, 1.5)
     return img
 
 
@@ -222,25 +196,25 @@ def _acquire_xray(img: np.ndarray, rng: np.random.Generator, height: int, width:
     h, w = img.shape
     m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-20, 20), rng.uniform(0.9, 1.05))
     m[:, 2] += (rng.uniform(-0.05, 0.05) * w, rng.uniform(-0.05, 0.05) * h)
-    img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=_BACKGROUND)
+    img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=BACKGROUND)
     if rng.random() < 0.6:
         marker = np.zeros((h, w), np.uint8)
         cv2.putText(marker, "R" if rng.random() < 0.5 else "L", (int(rng.uniform(0.05, 0.8) * w), int(0.12 * h)),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.002 * w, 255, max(1, int(0.006 * w)), cv2.LINE_AA)
         img = np.maximum(img, marker.astype(np.float32) * np.float32(0.9 / 255))
     img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if height * width < h * w else cv2.INTER_CUBIC)
-    img = _blur(img, rng.uniform(0.3, 1.0) * max(1.0, min(height, width) / 256))
-    img = (img - _BACKGROUND) * np.float32(rng.uniform(0.9, 1.2)) + np.float32(rng.uniform(0.0, 0.05))
+    img = blur(img, rng.uniform(0.3, 1.0) * max(1.0, min(height, width) / 256))
+    img = (img - BACKGROUND) * np.float32(rng.uniform(0.9, 1.2)) + np.float32(rng.uniform(0.0, 0.05))
     img = np.clip(img, 0, 1) ** np.float32(rng.uniform(0.8, 1.2))
     img += rng.standard_normal((height, width), dtype=np.float32) * np.float32(rng.uniform(0.006, 0.02))
-    return _to_uint8(img)
+    return to_uint8(img)
 
 
 def render_limb(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """An X-ray-like limb (knee, elbow, forearm or a whole long bone): uint8 (height, width)."""
-    return _acquire_xray(_limb_image(rng, *_work_shape(height, width)), rng, height, width)
+    return _acquire_xray(_limb_image(rng, *work_shape(height, width)), rng, height, width)
 
 
 def render_skull(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """An X-ray-like frontal skull: uint8 (height, width)."""
-    return _acquire_xray(_skull_image(rng, *_work_shape(height, width)), rng, height, width)
+    return _acquire_xray(_skull_image(rng, *work_shape(height, width)), rng, height, width)

@@ -18,9 +18,10 @@ from typing import Callable, Optional, Sequence, Union
 import cv2
 import numpy as np
 
-from pneumoedge.datasets.body_parts import _band_noise, _blur, _pt, _to_uint8, _work_shape, render_limb, render_skull
+from pneumoedge.datasets.body_parts import render_limb, render_skull
+from pneumoedge.datasets.drawing import band_noise, blur, pick_size, pt, to_uint8, work_shape
 from pneumoedge.datasets.phantoms import KINDS as PHANTOM_KINDS
-from pneumoedge.datasets.phantoms import PROVENANCE_FILE, _pick_size, render_phantom
+from pneumoedge.datasets.phantoms import PROVENANCE_FILE, render_phantom
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,14 @@ Size = Union[int, tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]
 
 def render_natural(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A natural-looking outdoor scene (sky, hills, textured ground, a sun, trees, buildings): uint8 RGB (height, width, 3)."""
-    h, w = _work_shape(height, width)
+    h, w = work_shape(height, width)
     y = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
     top, bottom = rng.uniform([0.1, 0.2, 0.45], [0.5, 0.6, 0.95]), rng.uniform([0.6, 0.55, 0.5], [1.0, 0.9, 0.95])
     img = np.broadcast_to(top * (1 - y) + bottom * y, (h, w, 3)).astype(np.float32).copy()  # sky
     if rng.random() < 0.6:
         sun = np.zeros((h, w), np.float32)
-        cv2.circle(sun, _pt(rng.uniform(0.1, 0.9), rng.uniform(0.08, 0.3), h, w), int(rng.uniform(0.03, 0.06) * w), 1.0, -1, cv2.LINE_AA)
-        img += _blur(sun, 0.02 * w)[..., None] * np.float32([1.0, 0.9, 0.6]) * 0.6
+        cv2.circle(sun, pt(rng.uniform(0.1, 0.9), rng.uniform(0.08, 0.3), h, w), int(rng.uniform(0.03, 0.06) * w), 1.0, -1, cv2.LINE_AA)
+        img += blur(sun, 0.02 * w)[..., None] * np.float32([1.0, 0.9, 0.6]) * 0.6
     horizon = rng.uniform(0.35, 0.65)
     x = np.linspace(0, 1, w)
     for layer in range(int(rng.integers(2, 4))):  # hills, nearer ones lower and darker
@@ -61,24 +62,24 @@ def render_natural(rng: np.random.Generator, height: int, width: int) -> np.ndar
         hill = np.zeros((h, w), np.float32)
         cv2.fillPoly(hill, [np.round(outline).astype(np.int32)], 1.0, cv2.LINE_AA)
         colour = rng.uniform([0.15, 0.25, 0.1], [0.5, 0.6, 0.35]) * (1 - 0.15 * layer)
-        shade = 1 + 0.25 * _band_noise(rng, h, w, 1.0, 8.0)[..., None]  # grass, rock and shadows
+        shade = 1 + 0.25 * band_noise(rng, h, w, 1.0, 8.0)[..., None]  # grass, rock and shadows
         img = img * (1 - hill[..., None]) + hill[..., None] * colour * shade
     for _ in range(int(rng.integers(0, 6))):  # trees: a trunk and a leafy crown
         tx, ty = rng.uniform(0.05, 0.95), rng.uniform(horizon + 0.1, 0.95)
         size = 0.04 + 0.12 * (ty - horizon)
-        cv2.rectangle(img, _pt(tx - size * 0.08, ty - size, h, w), _pt(tx + size * 0.08, ty, h, w), (0.25, 0.17, 0.1), -1, cv2.LINE_AA)
-        cv2.ellipse(img, _pt(tx, ty - size * 1.3, h, w), (int(size * 0.45 * w), int(size * 0.9 * w)), 0, 0, 360,
+        cv2.rectangle(img, pt(tx - size * 0.08, ty - size, h, w), pt(tx + size * 0.08, ty, h, w), (0.25, 0.17, 0.1), -1, cv2.LINE_AA)
+        cv2.ellipse(img, pt(tx, ty - size * 1.3, h, w), (int(size * 0.45 * w), int(size * 0.9 * w)), 0, 0, 360,
                     tuple(float(c) for c in rng.uniform([0.05, 0.2, 0.05], [0.2, 0.45, 0.15])), -1, cv2.LINE_AA)
     for _ in range(int(rng.integers(0, 4))):  # buildings with rows of windows
         bx, bw, bh = rng.uniform(0, 0.9), rng.uniform(0.06, 0.15), rng.uniform(0.1, 0.3)
         wall = tuple(float(c) for c in rng.uniform(0.35, 0.85, 3))
-        cv2.rectangle(img, _pt(bx, horizon + 0.1 - bh, h, w), _pt(bx + bw, horizon + 0.1, h, w), wall, -1)
+        cv2.rectangle(img, pt(bx, horizon + 0.1 - bh, h, w), pt(bx + bw, horizon + 0.1, h, w), wall, -1)
         for wy in np.arange(horizon + 0.12 - bh, horizon + 0.07, 0.04):
             for wx in np.arange(bx + 0.01, bx + bw - 0.02, 0.03):
-                cv2.rectangle(img, _pt(wx, wy, h, w), _pt(wx + 0.015, wy + 0.02, h, w), (0.15, 0.2, 0.3), -1)
-    img = cv2.resize(_blur(img, 0.6), (width, height), interpolation=cv2.INTER_CUBIC)
+                cv2.rectangle(img, pt(wx, wy, h, w), pt(wx + 0.015, wy + 0.02, h, w), (0.15, 0.2, 0.3), -1)
+    img = cv2.resize(blur(img, 0.6), (width, height), interpolation=cv2.INTER_CUBIC)
     img += rng.standard_normal((height, width, 1), dtype=np.float32) * np.float32(rng.uniform(0.005, 0.02))
-    return _to_uint8(img)
+    return to_uint8(img)
 
 
 _WORDS = ("patient", "name", "date", "ward", "report", "signed", "dose", "mg", "daily", "review", "clinic", "form",
@@ -139,7 +140,7 @@ def render_document(rng: np.random.Generator, height: int, width: int) -> np.nda
     # The scanner: a slight skew on a white bed, a little blur and sensor noise.
     m = cv2.getRotationMatrix2D((width / 2, height / 2), rng.uniform(-1.5, 1.5), 1.0)
     page = cv2.warpAffine(page, m, (width, height), flags=cv2.INTER_LINEAR, borderValue=int(rng.integers(240, 256)))
-    page = _blur(page.astype(np.float32), rng.uniform(0.4, 0.9) * unit)
+    page = blur(page.astype(np.float32), rng.uniform(0.4, 0.9) * unit)
     page += rng.standard_normal((height, width), dtype=np.float32) * np.float32(rng.uniform(1.0, 4.0))
     return np.clip(np.round(page), 0, 255).astype(np.uint8)
 
@@ -189,7 +190,7 @@ def render_blurred(rng: np.random.Generator, height: int, width: int, kind: Opti
     # full size, at a twentieth of the cost.
     f = max(1, int(sigma // 6))
     small = cv2.resize(img, (max(8, width // f), max(8, height // f)), interpolation=cv2.INTER_AREA)
-    img = cv2.resize(_blur(small, sigma / f), (width, height), interpolation=cv2.INTER_CUBIC)
+    img = cv2.resize(blur(small, sigma / f), (width, height), interpolation=cv2.INTER_CUBIC)
     return np.round(np.clip(img, 0, 255)).astype(np.uint8)
 
 
@@ -204,7 +205,7 @@ def render_saturated(rng: np.random.Generator, height: int, width: int, kind: Op
         out = img * rng.uniform(3.0, 5.0)
     else:
         out = (img - np.percentile(img, rng.uniform(55, 70))) * rng.uniform(4.0, 7.0)
-    return _to_uint8(out)
+    return to_uint8(out)
 
 
 #: Kind -> generator(rng, height, width) -> uint8 (height, width), or (height, width, 3) RGB for "natural".
@@ -275,7 +276,7 @@ def write_foreign(
         raise ValueError(f"unknown kinds {unknown}; kinds are {FOREIGN_KINDS}")
     if per_kind < 1:
         raise ValueError(f"per_kind must be at least 1, got {per_kind}")
-    _pick_size(size, np.random.default_rng(0))  # check the shape of `size` before writing anything
+    pick_size(size, np.random.default_rng(0))  # check the shape of `size` before writing anything
     for kind in kinds:
         folder = root / kind
         if folder.is_dir() and any(folder.iterdir()):
@@ -286,7 +287,7 @@ def write_foreign(
     jobs, written = [], {}
     for kind in FOREIGN_KINDS:  # fixed order: a kind's images do not depend on which others are asked for
         seeds = master.spawn(per_kind)
-        shapes = [_pick_size(size, sizes) for _ in range(per_kind)]
+        shapes = [pick_size(size, sizes) for _ in range(per_kind)]
         if kind not in kinds:
             continue
         paths = [root / kind / f"{kind}_{i + 1:04d}{'.png' if i % PNG_EVERY == PNG_EVERY - 1 else '.jpeg'}" for i in range(per_kind)]

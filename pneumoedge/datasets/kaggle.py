@@ -294,3 +294,34 @@ def summary(samples: Sequence[Sample], task: str) -> dict:
     result = {"task": task, **block(samples)}
     result["splits"] = {name: block([s for s in samples if s.split == name]) for name in splits}
     return result
+
+
+def labelled_samples(data_dir: Union[str, Path], task: str = "binary") -> tuple[list[Sample], str]:
+    """Samples of a labelled folder for evaluation, and which split was used.
+
+    `data_dir` may be a data set root (its test/ split is used when present, else every split)
+    or one labelled folder holding NORMAL/ and PNEUMONIA/ (a split, or holdout/ and the like).
+    """
+    root = Path(data_dir)
+    if any((root / label).is_dir() for label in BINARY_LABELS):
+        if root.name in SPLITS:
+            return scan(root.parent, split=root.name), root.name
+        samples = []
+        for label, folder in label_dirs(root).items():
+            for path in sorted(folder.iterdir()):
+                if path.is_file() and path.suffix.lower() in SUFFIXES:
+                    samples.append(Sample(path, label, subtype_of(path.name, label), patient_id(path.name), root.name))
+        if not samples:
+            raise DatasetError(f"{root}: no images in NORMAL/ or PNEUMONIA/")
+        return samples, root.name
+    if (root / "test").is_dir():
+        return scan(root, split="test"), "test"
+    return scan(root), "all splits"
+
+
+def targets(samples: Sequence[Sample], task: str, labels: Sequence[str]) -> np.ndarray:
+    """Each sample's class index into a model's `labels`; DatasetError when the labels do not fit."""
+    try:
+        return np.array([list(labels).index(s.target(task)) for s in samples], dtype=int)
+    except (DatasetError, ValueError) as exc:
+        raise DatasetError(f"labels of the data do not match the model's {list(labels)}: {exc}") from None

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from pneumoedge.datasets.drawing import BACKGROUND, Size, blur, pick_size, work_shape
 from pneumoedge.datasets.kaggle import SPLITS, DatasetError
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,8 @@ DEFAULT_COUNTS: dict[str, dict[str, int]] = {
     "test": {"normal": 16, "bacteria": 8, "virus": 8},
 }
 
-# Shapes are drawn at this long side and resized, so cost and look do not depend on output size;
+# Shapes are drawn at drawing.WORK_SIDE and resized, so cost and look do not depend on output size;
 # noise is added at the output size so large images stay as costly to decode as real ones.
-_WORK_SIDE = 384
-_BACKGROUND = 0.04
-
-Size = Union[int, tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]
 
 _NOTICE = """\
 SYNTHETIC DATA - NOT REAL PATIENTS - NOT FOR CLINICAL USE
@@ -105,10 +102,6 @@ def _ellipse(canvas: np.ndarray, centre, axes, angle: float, value: float = 1.0,
     cv2.ellipse(canvas, c, a, angle, arc[0], arc[1], value, thickness, cv2.LINE_AA)
 
 
-def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
-    return cv2.GaussianBlur(img, (0, 0), max(sigma_px, 0.3))
-
-
 def _lung_point(an: _Anatomy, side: int, u: float, v: float) -> tuple[float, float]:
     """A point inside the lung ellipse of one side (u, v in -1..1 of its half-axes)."""
     return (an.cx + side * an.lung_sep + u * an.lung_axes[0], an.lung_cy + v * an.lung_axes[1])
@@ -116,19 +109,19 @@ def _lung_point(an: _Anatomy, side: int, u: float, v: float) -> tuple[float, flo
 
 def _anatomy_image(an: _Anatomy, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """Attenuation-like image (bright = dense) and the lung-field mask, both float32 in 0..1."""
-    img = np.full((h, w), _BACKGROUND, np.float32)
+    img = np.full((h, w), BACKGROUND, np.float32)
     body = np.zeros((h, w), np.float32)
     _ellipse(body, (an.cx, an.body[0]), an.body[1:], 0)
     # Shoulders and upper arms widen the soft tissue at the top.
     _ellipse(body, (an.cx, an.lung_cy - 0.18), (an.body[1] * 1.15, 0.16), 0)
-    body = _blur(body, 0.02 * w)
+    body = blur(body, 0.02 * w)
     img += 0.42 * body
 
     lungs = np.zeros((h, w), np.float32)
     for side in (-1, 1):
         ax = an.lung_axes[0] * (0.9 if side > 0 else 1.0)  # the heart side is narrower
         _ellipse(lungs, (an.cx + side * an.lung_sep, an.lung_cy), (ax, an.lung_axes[1]), -side * an.lung_tilt)
-    lungs = _blur(lungs, 0.012 * w)
+    lungs = blur(lungs, 0.012 * w)
     img -= 0.28 * lungs
 
     vessels = np.zeros((h, w), np.float32)
@@ -142,19 +135,19 @@ def _anatomy_image(an: _Anatomy, h: int, w: int) -> tuple[np.ndarray, np.ndarray
                 cv2.line(vessels, (int(point[0] * w), int(point[1] * h)), (int(nxt[0] * w), int(nxt[1] * h)),
                          1.0 - step * 0.13, max(1, int(0.006 * w)), cv2.LINE_AA)
                 point, angle = nxt, angle + vrng.normal(0, 0.35)
-    img += 0.05 * _blur(vessels, 0.003 * w) * lungs
+    img += 0.05 * blur(vessels, 0.003 * w) * lungs
 
     mediastinum = np.zeros((h, w), np.float32)
     top, bottom = an.lung_cy - an.lung_axes[1] - 0.05, an.lung_cy + an.lung_axes[1] + 0.1
     cv2.rectangle(mediastinum, (int((an.cx - 0.07) * w), int(top * h)), (int((an.cx + 0.07) * w), int(bottom * h)), 1.0, -1)
-    img += 0.16 * _blur(mediastinum, 0.02 * w)
+    img += 0.16 * blur(mediastinum, 0.02 * w)
     spine = np.zeros((h, w), np.float32)
     for y in np.arange(top, bottom, 0.035):  # vertebral bodies
         cv2.rectangle(spine, (int((an.cx - 0.022) * w), int(y * h)), (int((an.cx + 0.022) * w), int((y + 0.028) * h)), 1.0, -1)
-    img += 0.1 * _blur(spine, 0.004 * w)
+    img += 0.1 * blur(spine, 0.004 * w)
     heart = np.zeros((h, w), np.float32)
     _ellipse(heart, (an.cx + an.heart[0], an.lung_cy + an.lung_axes[1] * 0.55), an.heart[1:], -15)
-    img += 0.15 * _blur(heart, 0.015 * w)
+    img += 0.15 * blur(heart, 0.015 * w)
 
     ribs = np.zeros((h, w), np.float32)
     thickness = max(1, int(0.013 * h))
@@ -163,14 +156,14 @@ def _anatomy_image(an: _Anatomy, h: int, w: int) -> tuple[np.ndarray, np.ndarray
         # Posterior ribs: from the spine, up over the top, then laterally and down.
         _ellipse(ribs, (an.cx - 0.02, y + 0.07), (an.lung_sep + an.lung_axes[0] + 0.02, 0.075), 0, 1.0, (180, 272), thickness)
         _ellipse(ribs, (an.cx + 0.02, y + 0.07), (an.lung_sep + an.lung_axes[0] + 0.02, 0.075), 0, 1.0, (268, 360), thickness)
-    img += 0.075 * _blur(ribs, 0.003 * w) * body
+    img += 0.075 * blur(ribs, 0.003 * w) * body
     if an.clavicles:
         clav = np.zeros((h, w), np.float32)
         y0 = an.lung_cy - an.lung_axes[1] - 0.01
         for side in (-1, 1):
             cv2.line(clav, (int((an.cx + side * 0.04) * w), int(y0 * h)),
                      (int((an.cx + side * 0.3) * w), int((y0 - 0.05) * h)), 1.0, max(1, int(0.016 * h)), cv2.LINE_AA)
-        img += 0.12 * _blur(clav, 0.004 * w)
+        img += 0.12 * blur(clav, 0.004 * w)
     return img, lungs
 
 
@@ -191,7 +184,7 @@ def _pathology(an: _Anatomy, kind: str, rng: np.random.Generator, lungs: np.ndar
                 cu, cv = u + rng.normal(0, 0.15), v + rng.normal(0, 0.12)
                 axes = (size * rng.uniform(0.5, 1.0), size * rng.uniform(0.5, 1.1))
                 _ellipse(focus, _lung_point(an, side, cu, cv), axes, rng.uniform(0, 180))
-            out += rng.uniform(0.7, 1.0) * _blur(focus, rng.uniform(0.006, 0.016) * w)
+            out += rng.uniform(0.7, 1.0) * blur(focus, rng.uniform(0.006, 0.016) * w)
         out = severity * np.minimum(out, 1.0)
     elif kind == "virus":
         severity = _severity(rng, 0.25, 0.5)
@@ -204,9 +197,9 @@ def _pathology(an: _Anatomy, kind: str, rng: np.random.Generator, lungs: np.ndar
             x, y = _lung_point(an, side, u, v)
             r = max(1, int(rng.uniform(0.006, 0.018) * w))
             cv2.circle(patches, (int(x * w), int(y * h)), r, float(rng.uniform(0.3, 1.0)), -1, cv2.LINE_AA)
-        patches = _blur(patches, 0.006 * w)
+        patches = blur(patches, 0.006 * w)
         noise = rng.standard_normal((h, w)).astype(np.float32)
-        reticular = np.abs(_blur(noise, 0.004 * w) - _blur(noise, 0.01 * w))  # band-passed: a fine network
+        reticular = np.abs(blur(noise, 0.004 * w) - blur(noise, 0.01 * w))  # band-passed: a fine network
         reticular /= float(reticular.max()) + 1e-6
         out = severity * np.minimum(0.8 * patches + 0.9 * reticular, 1.0)
     elif kind != "normal":
@@ -214,20 +207,22 @@ def _pathology(an: _Anatomy, kind: str, rng: np.random.Generator, lungs: np.ndar
     return out * lungs
 
 
-def _acquire(img: np.ndarray, rng: np.random.Generator, height: int, width: int, signs: Optional[list] = None) -> np.ndarray:
-    """Position, resize, expose and add detector noise; returns float32 in 0..1 at the output size.
+def _acquire(
+    img: np.ndarray, rng: np.random.Generator, height: int, width: int, density: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Position, resize, expose and add detector noise: (float32 image in 0..1 at the output size, moved density).
 
-    `signs` (a list holding one work-size map), when given, has its map replaced by the map
-    moved and resized exactly like the image; the random draws are the same either way, so the
-    image does not change.
+    `density` (a work-size map), when given, is moved and resized exactly like the image and
+    returned; the random draws are the same either way, so the image does not change.
     """
     h, w = img.shape
     m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-3, 3), rng.uniform(0.95, 1.05))
     m[:, 2] += (rng.uniform(-0.04, 0.04) * w, rng.uniform(-0.04, 0.04) * h)
-    if signs is not None:
-        moved = cv2.warpAffine(signs[0], m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0.0)
-        signs[0] = cv2.resize(moved, (width, height), interpolation=cv2.INTER_LINEAR)
-    img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=_BACKGROUND)
+    moved = None
+    if density is not None:
+        warped = cv2.warpAffine(density, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        moved = cv2.resize(warped, (width, height), interpolation=cv2.INTER_LINEAR)
+    img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=BACKGROUND)
     if rng.random() < 0.5:  # a burned-in side marker, as on most real films
         marker = np.zeros((h, w), np.uint8)  # OpenCV 5 draws text on 8-bit images only
         cv2.putText(marker, "R" if rng.random() < 0.7 else "L", (int(0.06 * w), int(0.12 * h)),
@@ -235,32 +230,25 @@ def _acquire(img: np.ndarray, rng: np.random.Generator, height: int, width: int,
         img = np.maximum(img, marker.astype(np.float32) * np.float32(0.9 / 255))
     shrinking = height * width < h * w
     img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
-    img = _blur(img, rng.uniform(0.3, 1.0) * max(1.0, min(height, width) / 256))
+    img = blur(img, rng.uniform(0.3, 1.0) * max(1.0, min(height, width) / 256))
     # Exposure: contrast, offset, a vertical gradient (anode heel effect), then gamma.
     ramp = np.linspace(-1, 1, height, dtype=np.float32)[:, None] * np.float32(rng.uniform(-0.04, 0.04))
-    img = (img - _BACKGROUND) * np.float32(rng.uniform(0.85, 1.15)) + np.float32(rng.uniform(0.0, 0.06)) + ramp
+    img = (img - BACKGROUND) * np.float32(rng.uniform(0.85, 1.15)) + np.float32(rng.uniform(0.0, 0.06)) + ramp
     img = np.clip(img, 0, 1) ** np.float32(rng.uniform(0.85, 1.2))
     img += rng.standard_normal((height, width), dtype=np.float32) * np.float32(rng.uniform(0.006, 0.022))
-    return np.clip(img, 0, 1)
+    return np.clip(img, 0, 1), moved
 
 
-def _work_shape(height: int, width: int) -> tuple[int, int]:
-    scale = _WORK_SIDE / max(height, width)
-    return max(32, round(height * scale)), max(32, round(width * scale))
-
-
-def _render(anatomy: _Anatomy, rng: np.random.Generator, kind: str, height: int, width: int, signs: Optional[list] = None) -> tuple[np.ndarray, np.ndarray]:
-    """One image (float32 0..1, output size) and its lung mask before positioning (work size).
-
-    With `signs` (a list), the drawn pathology density at the output size is appended to it.
-    """
-    wh, ww = _work_shape(height, width)
+def _render(
+    anatomy: _Anatomy, rng: np.random.Generator, kind: str, height: int, width: int, with_signs: bool = False
+) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """One image (float32 0..1, output size), its lung mask before positioning (work size) and,
+    `with_signs`, the drawn pathology density positioned like the image (output size)."""
+    wh, ww = work_shape(height, width)
     img, lungs = _anatomy_image(anatomy, wh, ww)
     density = _pathology(anatomy, kind, rng, lungs)
-    img = img + density
-    if signs is not None:
-        signs[:] = [density]
-    return _acquire(img, rng, height, width, signs), lungs
+    img, signs = _acquire(img + density, rng, height, width, density if with_signs else None)
+    return img, lungs, signs
 
 
 def _quantise(img: np.ndarray, sixteen_bit: bool) -> np.ndarray:
@@ -285,7 +273,7 @@ def render_phantom(rng: np.random.Generator, kind: str, height: int, width: int,
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if height < 16 or width < 16:
         raise ValueError(f"phantoms need at least 16x16 pixels, got {height}x{width}")
-    img, _ = _render(_draw_anatomy(rng, kind), rng, kind, height, width)
+    img, _, _ = _render(_draw_anatomy(rng, kind), rng, kind, height, width)
     return _quantise(img, sixteen_bit)
 
 
@@ -300,23 +288,10 @@ def render_phantom_with_signs(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    signs: list = []
-    img, _ = _render(_draw_anatomy(rng, kind), rng, kind, height, width, signs)
-    density = signs[0]
+    img, _, density = _render(_draw_anatomy(rng, kind), rng, kind, height, width, with_signs=True)
     peak = float(density.max())
     mask = density >= level * peak if peak > 0 else np.zeros(density.shape, dtype=bool)
     return _quantise(img, sixteen_bit), mask
-
-
-def _pick_size(size: Size, rng: np.random.Generator) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    h, w = size
-    if isinstance(h, (tuple, list)) and isinstance(w, (tuple, list)):
-        return int(rng.integers(h[0], h[1] + 1)), int(rng.integers(w[0], w[1] + 1))
-    if isinstance(h, (tuple, list)) or isinstance(w, (tuple, list)):
-        raise ValueError(f"size must be (height, width) or ((hmin, hmax), (wmin, wmax)), got {size!r}")
-    return int(h), int(w)
 
 
 @dataclass(frozen=True)
@@ -332,7 +307,7 @@ class _Job:
 
 def _write(job: _Job) -> Path:
     anatomy = _draw_anatomy(np.random.default_rng(job.anatomy_seed), job.kind)
-    img, _ = _render(anatomy, np.random.default_rng(job.image_seed), job.kind, *job.size)
+    img, _, _ = _render(anatomy, np.random.default_rng(job.image_seed), job.kind, *job.size)
     pixels = _quantise(img, job.sixteen_bit)
     if job.path.suffix == ".png":
         ok, data = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
@@ -406,7 +381,7 @@ def generate_dataset(
                 raise DatasetError(f"counts[{split!r}] needs kinds from {KINDS} with counts >= 0, got {kind!r}: {n!r}")
     if not 0.0 <= sixteen_bit_fraction <= 1.0:
         raise ValueError(f"sixteen_bit_fraction must be in 0..1, got {sixteen_bit_fraction}")
-    _pick_size(size, np.random.default_rng(0))  # validate the shape of `size` before writing anything
+    pick_size(size, np.random.default_rng(0))  # validate the shape of `size` before writing anything
 
     folders = {(split, label) for split in counts for label in ("NORMAL", "PNEUMONIA")}
     for split, label in sorted(folders):
@@ -437,7 +412,7 @@ def generate_dataset(
                 for stem, image_seed in zip(stems, image_seeds):
                     sixteen = bool(rng.random() < sixteen_bit_fraction)
                     path = root / split / label / (stem + (".png" if sixteen else ".jpeg"))
-                    jobs.append(_Job(path, kind, anatomy_seed, image_seed, _pick_size(size, rng), sixteen, jpeg_quality))
+                    jobs.append(_Job(path, kind, anatomy_seed, image_seed, pick_size(size, rng), sixteen, jpeg_quality))
     _run(jobs, workers)
     _write_notice(
         root,
@@ -482,9 +457,9 @@ def write_examples(
         suffix = ".png" if i == sixteen_at else ".jpeg"
         anatomy_seed, image_seed = job_seed.spawn(2)
         path = folder / f"example_{i + 1:02d}{suffix}"
-        shape = _pick_size(size, rng)
+        shape = pick_size(size, rng)
         if i == sixteen_at and png_size is not None:
-            shape = _pick_size(png_size, rng)
+            shape = pick_size(png_size, rng)
         jobs.append(_Job(path, kind, anatomy_seed, image_seed, shape, i == sixteen_at, jpeg_quality))
     _run(jobs, None)
     with open(folder / "LABELS.csv", "w", newline="", encoding="utf-8") as f:

@@ -6,12 +6,17 @@ so `pneumoedge --help` and the runtime never pay for it.
 
 The API at a glance (import from the submodules):
 
-    architectures.ARCHITECTURES, architectures.get_architecture
-    training.train                        -> training.RunResult
-    evaluation.evaluate_run / evaluate_model / classification_metrics / choose_threshold
-    onnx_export.export_keras / export_runs / check_parity
-    quantization.quantize_int8            -> quantization.QuantizationResult
-    pipeline.run_demo, pipeline.build_bundle
+    front_doors.export_models             -> which door a user's models go through (the CLI's one call)
+    pipeline.export_runs                  training runs         -+
+    foreign.export_foreign                a foreign Keras file   +-> bundle_builder.build_bundle
+    onnx_wrap.export_onnx / wrap_onnx     a foreign ONNX         |   (members + one BundleOptions)
+    pneumoedge.composition.compose_bundle `bundle create`       -+
+    bundle_builder.BundleOptions, Int8Options, BundleResult
+    training.train(data, arch, out, TrainingOptions) -> training.RunResult
+    evaluation.evaluate_run / evaluate_model
+    onnx_export.export_keras / check_parity
+    int8_search.quantize_int8             -> quantization.QuantizationResult
+    demo.run_demo
 """
 
 from pneumoedge.export.errors import ExportError, ParityError, QuantizationError, TrainingError

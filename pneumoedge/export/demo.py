@@ -7,8 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import pneumoedge
+from pneumoedge.datasets import phantoms
+from pneumoedge.export.bundle_builder import BundleOptions, BundleResult, Int8Options
 from pneumoedge.export.errors import ExportError
-from pneumoedge.export.report import SYNTHETIC_NOTICE, BundleResult, Progress, _quiet, write_report_json
+from pneumoedge.export.evaluation import evaluate_model, evaluate_run
+from pneumoedge.export.pipeline import export_runs
+from pneumoedge.export.report import SYNTHETIC_NOTICE, Progress, quiet, write_report_json
+from pneumoedge.export.training import TrainingOptions, train
 
 
 DEMO_ARCHS = ("cnn3_gray150", "cnn4_gray256")
@@ -37,6 +43,10 @@ class DemoPlan:
         return cls({"train": {"normal": 240, "bacteria": 120, "virus": 120}, "test": {"normal": 60, "bacteria": 30, "virus": 30}},
                    ((1024, 1600), (1024, 1600)), None, 10, 10, 16, 8, decode_reduction=4, lr_schedule="cosine")
 
+    def training(self, seed: int) -> TrainingOptions:
+        return TrainingOptions(epochs=self.epochs, batch_size=self.batch_size, seed=seed, size=self.input_size,
+                               patience=self.patience, decode_reduction=self.decode_reduction, lr_schedule=self.lr_schedule)
+
 
 @dataclass
 class DemoResult:
@@ -54,19 +64,13 @@ def run_demo(
     quick: bool = False,
     archs: Sequence[str] = DEMO_ARCHS,
     seed: int = 0,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> DemoResult:
     """Generate phantoms, train two architectures, evaluate, export with parity, int8, bundle, infer.
 
     Everything is written under `out_dir` (data/, runs/, evaluation/, bundle/, examples/,
     demo_report.json). The models are trained on synthetic phantoms: demonstration only.
     """
-    import pneumoedge
-    from pneumoedge.datasets import phantoms
-    from pneumoedge.export.evaluation import evaluate_model, evaluate_run
-    from pneumoedge.export.pipeline import export_runs
-    from pneumoedge.export.training import train
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; the demo writes into a new or empty folder")
@@ -93,8 +97,7 @@ def run_demo(
     for arch in archs:
         done = step(f"train {arch}")
         result = train(
-            data, arch, out / "runs" / arch, epochs=plan.epochs, batch_size=plan.batch_size, seed=seed,
-            size=plan.input_size, patience=plan.patience, decode_reduction=plan.decode_reduction, lr_schedule=plan.lr_schedule,
+            data, arch, out / "runs" / arch, plan.training(seed),
             on_epoch=lambda e, n, logs: progress(f"    epoch {e}/{n}: loss {logs.get('loss', 0):.3f}, val_loss {logs.get('val_loss', 0):.3f}, val_acc {logs.get('val_accuracy', 0):.3f}"),
         )
         run_dirs.append(result.run_dir)
@@ -111,7 +114,7 @@ def run_demo(
     done()
 
     done = step("export to ONNX with parity, int8 with accuracy check, bundle")
-    bundle = export_runs(run_dirs, out / "bundle", int8=True, on_fail="warn", name="demo", progress=progress)
+    bundle = export_runs(run_dirs, out / "bundle", BundleOptions(int8=Int8Options(enabled=True), name="demo"), progress=progress)
     artefacts["bundle"] = str(bundle.bundle_dir)
     done()
 

@@ -17,3 +17,7 @@ class ParityError(ExportError):
 
 class QuantizationError(ExportError):
     """No int8 recipe meets the accuracy tolerance, or quantization itself failed."""
+
+
+class HeatmapUnavailable(ExportError):
+    """The model's structure does not allow heatmaps from the graph; the classifier still exports."""

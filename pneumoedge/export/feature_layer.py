@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
-from pneumoedge.export.errors import ExportError
-
-
-class HeatmapUnavailable(ExportError):
-    """The model's structure does not allow heatmaps from the graph; the classifier still exports."""
+from pneumoedge.export.errors import HeatmapUnavailable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,7 +24,7 @@ def _output_rank(layer: Any) -> Optional[int]:
         return None
 
 
-def _body_layers(model: Any) -> list:
+def body_layers(model: Any) -> list:
     import keras
 
     return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
@@ -55,7 +51,7 @@ def find_feature_layer(model: Any, name: Optional[str] = None) -> list:
 
 
 def _last_4d(model: Any) -> Optional[list]:
-    for layer in reversed(_body_layers(model)):
+    for layer in reversed(body_layers(model)):
         if _is_model(layer):
             inner = _last_4d(layer)
             if inner is not None:
@@ -66,7 +62,7 @@ def _last_4d(model: Any) -> Optional[list]:
 
 
 def _named(model: Any, name: str) -> Optional[list]:
-    for layer in _body_layers(model):
+    for layer in body_layers(model):
         if layer.name == name:
             return [layer]
         if _is_model(layer):
@@ -80,14 +76,14 @@ def _named(model: Any, name: str) -> Optional[list]:
 # splitting the model: body (image -> A) and head (A -> output), both from Keras's own graph
 
 
-def _input_of(model: Any, layer: Any) -> Any:
+def input_of(model: Any, layer: Any) -> Any:
     """The tensor that feeds `layer` inside `model`'s graph."""
-    nodes = [n for n in layer._inbound_nodes if any(t is i for t in n.input_tensors for i in _all_tensors(model))]
+    nodes = [n for n in layer._inbound_nodes if any(t is i for t in n.input_tensors for i in all_tensors(model))]
     node = nodes[-1] if nodes else layer._inbound_nodes[-1]
     return node.input_tensors[0]
 
 
-def _all_tensors(model: Any) -> list:
+def all_tensors(model: Any) -> list:
     tensors = list(model.inputs)
     for layer in model.layers:
         for node in layer._inbound_nodes:
@@ -110,17 +106,17 @@ def body_function(model: Any, path: Sequence[Any]) -> Callable[[Any], Any]:
     first = path[0]
     if len(path) == 1:
         return _sub(model, model.inputs[0], first.output)
-    before = _sub(model, model.inputs[0], _input_of(model, first))
+    before = _sub(model, model.inputs[0], input_of(model, first))
     inner = body_function(first, path[1:])
     return lambda x: inner(before(x))
 
 
-def _tail_layers(model: Any, path: Sequence[Any]) -> list:
+def tail_layers(model: Any, path: Sequence[Any]) -> list:
     """The layers after the feature layer, innermost model first, then each enclosing model."""
     if len(path) > 1:
-        inner = _tail_layers(path[0], path[1:])
+        inner = tail_layers(path[0], path[1:])
     else:
         inner = []
-    layers = _body_layers(model)
+    layers = body_layers(model)
     index = next(i for i, layer in enumerate(layers) if layer is path[0])
     return inner + layers[index + 1 :]

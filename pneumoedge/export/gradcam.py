@@ -28,20 +28,19 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from pneumoedge.bundle import FEATURES_OUTPUT, HEATMAP_OUTPUT
+from pneumoedge.export.errors import HeatmapUnavailable
 from pneumoedge.export.feature_layer import (
-    HeatmapUnavailable,
-    _all_tensors,
-    _body_layers,
-    _input_of,
-    _tail_layers,
+    all_tensors,
+    body_layers,
+    input_of,
+    tail_layers,
     body_function,
     find_feature_layer,
 )
 
 log = logging.getLogger(__name__)
 
-HEATMAP_OUTPUT = "pneumoedge_heatmap"
-FEATURES_OUTPUT = "pneumoedge_features"
 #: Smallest per-image Pearson correlation accepted between the ONNX maps and TensorFlow's.
 DEFAULT_MIN_CORRELATION = 0.99
 METHOD = "Grad-CAM (gradient at the feature layer in closed form through the dense head)"
@@ -268,7 +267,7 @@ def explain_model(keras_model: Any, labels: int, layer: Optional[str] = None) ->
         body = body_function(keras_model, path)
     except (ValueError, AttributeError, IndexError) as exc:
         raise HeatmapUnavailable(f"cannot cut the model at {path[-1].name}: {exc}") from None
-    head = ClosedFormHead(_tail_layers(keras_model, path), labels)
+    head = ClosedFormHead(tail_layers(keras_model, path), labels)
     return ExplainedModel(keras_model, list(path), body, head)
 
 
@@ -318,8 +317,8 @@ def _keras_head_logits(model: Any, path: Sequence[Any]) -> Callable[[Any], Any]:
         start = path[depth].output if depth == len(path) - 1 else _output_in(owner, path[depth])
         end = owner.outputs[0]
         if depth == 0:
-            last = _body_layers(owner)[-1]
-            end = _input_of(owner, last)
+            last = body_layers(owner)[-1]
+            end = input_of(owner, last)
             final = last
         if start is not end:
             try:
@@ -347,7 +346,7 @@ def _layer_chain_logits(model: Any, path: Sequence[Any]) -> Callable[[Any], Any]
     import keras
     import tensorflow as tf
 
-    *chain, final = _tail_layers(model, path)
+    *chain, final = tail_layers(model, path)
 
     def logits(A: Any) -> Any:
         h = A
@@ -363,7 +362,7 @@ def _layer_chain_logits(model: Any, path: Sequence[Any]) -> Callable[[Any], Any]
 
 def _output_in(owner: Any, layer: Any) -> Any:
     """The output tensor of nested `layer` inside `owner`'s graph."""
-    tensors = {id(t) for t in _all_tensors(owner)}
+    tensors = {id(t) for t in all_tensors(owner)}
     for node in layer._inbound_nodes:
         if any(id(t) in tensors for t in node.input_tensors):
             return node.output_tensors[0]

@@ -8,43 +8,29 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from pneumoedge.export.errors import ExportError
+from pneumoedge.export.errors import ExportError, HeatmapUnavailable
 from pneumoedge.export.gradcam import (
     DEFAULT_MIN_CORRELATION,
-    HEATMAP_OUTPUT,
     ExplainedModel,
     HeatmapReport,
-    HeatmapUnavailable,
     compare_maps,
     explain_model,
     gradcam_reference,
 )
 from pneumoedge.export.keras_loading import KerasModel
+from pneumoedge.export.onnx_run import onnx_session, run_heatmaps
 
 log = logging.getLogger(__name__)
 
 
-def _session(path: Union[str, Path]) -> Any:
-    # onnx_export imports this module, so its session helper is looked up at call time.
-    from pneumoedge.export.onnx_export import onnx_session
-
-    return onnx_session(path)
-
-
-def _rename_output(proto: Any, old: str, new: str) -> None:
+def rename_output(proto: Any, old: str, new: str) -> None:
+    """Rename a graph output (and every use of it) in place."""
     for node in proto.graph.node:
         node.output[:] = [new if name == old else name for name in node.output]
         node.input[:] = [new if name == old else name for name in node.input]
     for output in proto.graph.output:
         if output.name == old:
             output.name = new
-
-
-def run_heatmaps(session: Any, tensors: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """The `pneumoedge_heatmap` output of a session over (N, ...) tensors: (N, h, w)."""
-    from pneumoedge.export.onnx_export import run_output  # onnx_export imports this module
-
-    return run_output(session, tensors, HEATMAP_OUTPUT, batch_size)
 
 
 def check_heatmaps(
@@ -57,7 +43,7 @@ def check_heatmaps(
 ) -> HeatmapReport:
     """Per-image Pearson correlation of the ONNX heatmaps with TensorFlow's GradientTape Grad-CAM."""
     reference = gradcam_reference(explained, tensors, labels)
-    maps = run_heatmaps(_session(onnx_path), tensors)
+    maps = run_heatmaps(onnx_session(onnx_path), tensors)
     return compare_maps(maps, reference, explained.layer, threshold)
 
 
@@ -69,7 +55,8 @@ def int8_heatmap_check(
     When they do not correlate well enough, the runtime asks the fp32 graph for the map.
     """
     layer = "int8 vs fp32"
-    report = compare_maps(run_heatmaps(_session(int8_path), tensors), run_heatmaps(_session(fp32_path), tensors), layer, threshold)
+    maps = run_heatmaps(onnx_session(int8_path), tensors)
+    report = compare_maps(maps, run_heatmaps(onnx_session(fp32_path), tensors), layer, threshold)
     return {
         "min_correlation": round(report.min_correlation, 6),
         "mean_correlation": round(report.mean_correlation, 6),
@@ -79,7 +66,7 @@ def int8_heatmap_check(
     }
 
 
-def _explained(model: KerasModel, labels: Sequence[str], layer: Optional[str]) -> tuple[Optional[ExplainedModel], str]:
+def explained_or_note(model: KerasModel, labels: Sequence[str], layer: Optional[str]) -> tuple[Optional[ExplainedModel], str]:
     """The model split for heatmaps, or None and the reason (a named layer that fails is an error)."""
     if model.keras_model is None:
         note = "heatmaps not available: a SavedModel has no Keras layers to find the feature layer in"

@@ -88,7 +88,7 @@ def _wrap_keras(model: Any, description: str) -> KerasModel:
     return KerasModel(lambda x: model(x, training=False), shape, description, keras_model=model)
 
 
-def _check_spec_matches(model: KerasModel, spec: PreprocessSpec) -> None:
+def check_spec_matches(model: KerasModel, spec: PreprocessSpec) -> None:
     if spec.layout != "NHWC":
         raise ExportError("Keras models take NHWC input; declare layout NHWC")
     want = spec.input_shape

@@ -8,7 +8,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from pneumoedge.export.metrics import roc_auc, roc_curve
+from pneumoedge.atomic import write_atomic
+from pneumoedge.validation.metrics import class_probabilities, roc_auc, roc_curve
 
 
 def _pyplot() -> Any:
@@ -42,8 +43,6 @@ def plot_confusion(metrics: dict[str, Any], path: Union[str, Path], title: str =
 
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str], path: Union[str, Path], title: str = "ROC") -> Path:
-    from pneumoedge.export.onnx_export import class_probabilities
-
     plt = _pyplot()
     p = class_probabilities(probs)
     y = np.asarray(y_true, dtype=int)
@@ -90,8 +89,16 @@ def write_report(
     """Write `<name>.json`, `<name>_confusion.png` and `<name>_roc.png`; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"metrics": str(out / f"{name}.json")}
-    (out / f"{name}.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    files["confusion"] = str(plot_confusion(metrics, out / f"{name}_confusion.png", f"{name}: confusion matrix"))
-    files["roc"] = str(plot_roc(y_true, probs, labels, out / f"{name}_roc.png", f"{name}: ROC"))
-    return files
+    path = write_atomic(out / f"{name}.json", json.dumps(metrics, indent=2) + "\n")
+    return {"metrics": str(path), **plot_report(out, name, y_true, probs, labels, metrics)}
+
+
+def plot_report(
+    out_dir: Union[str, Path], name: str, y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str], metrics: dict[str, Any]
+) -> dict[str, str]:
+    """Write `<name>_confusion.png` and `<name>_roc.png` into an existing folder; return their paths."""
+    out = Path(out_dir)
+    return {
+        "confusion": str(plot_confusion(metrics, out / f"{name}_confusion.png", f"{name}: confusion matrix")),
+        "roc": str(plot_roc(y_true, probs, labels, out / f"{name}_roc.png", f"{name}: ROC")),
+    }

@@ -21,12 +21,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from pneumoedge.bundle import FEATURES_OUTPUT, HEATMAP_OUTPUT
+from pneumoedge.export.errors import HeatmapUnavailable
 from pneumoedge.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-HEATMAP_OUTPUT = "pneumoedge_heatmap"
-FEATURES_OUTPUT = "pneumoedge_features"
 METHOD = "closed-form Grad-CAM (GAP + linear head)"
 PREFIX = "pneumoedge_cam_"
 NOT_AVAILABLE = "heatmaps not available for this model (head is not global-average-pool + linear)"
@@ -34,10 +34,6 @@ NOT_AVAILABLE = "heatmaps not available for this model (head is not global-avera
 #: Ops that only reshape the pooled features between the pool and the linear layer.
 _PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Identity", "Dropout")
 _ACTIVATIONS = ("Sigmoid", "Softmax")
-
-
-class HeatmapUnavailable(Exception):
-    """The graph's head is not one whose Grad-CAM has a closed form; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """Keras -> ONNX with tf2onnx, the model card in metadata_props, and a parity check on real images.
 
+Sessions and runs are in `onnx_run`, images and tensors in `tensors`, heads and cards in
+`heads`, the heatmap outputs' checks in `heatmap_export`.
+
 Opset 17 on purpose: it is the newest opset tf2onnx 1.16/1.17 converts and tests fully, it is
 far above the 13 that per-channel QDQ int8 needs (QuantizeLinear with `axis`), and every
 onnxruntime (and onnxruntime-gpu) since 1.13 runs it, so a clinic that pinned an older
@@ -14,45 +17,28 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from pneumoedge.bundle import ONNX_METADATA_KEY, ModelCard
+from pneumoedge.bundle import FEATURES_OUTPUT, HEATMAP_OUTPUT, ONNX_METADATA_KEY, ModelCard, apply_activation
 from pneumoedge.export.errors import ExportError, ParityError
-from pneumoedge.export.gradcam import (
-    DEFAULT_MIN_CORRELATION,
-    FEATURES_OUTPUT,
-    HEATMAP_OUTPUT,
-    ExplainedModel,
-    HeatmapReport,
-    score_description,
-)
-from pneumoedge.export.heatmap_export import _explained, _rename_output, check_heatmaps, int8_heatmap_check, run_heatmaps
-from pneumoedge.export.keras_loading import KerasModel, _check_spec_matches, load_keras
-from pneumoedge.imageio import IMAGE_SUFFIXES, ImageError
-from pneumoedge.preprocessing import PreprocessSpec, preprocess
-
-# Public names; the heatmap and Keras-loading ones live in heatmap_export and keras_loading.
-__all__ = [
-    "DEFAULT_OPSET", "DEFAULT_PARITY_TOLERANCE", "ExportResult", "HEADS", "KerasModel", "ParityReport",
-    "apply_activation", "card_for", "check_heatmaps", "check_parity", "class_probabilities", "convert",
-    "export_keras", "image_files", "int8_heatmap_check", "load_keras", "load_tensors", "onnx_session",
-    "parse_floats", "parse_scale", "phantom_folder", "reference_tensors", "run_heatmaps", "run_onnx",
-]
+from pneumoedge.export.gradcam import DEFAULT_MIN_CORRELATION, ExplainedModel, HeatmapReport, score_description
+from pneumoedge.export.heads import card_for, check_probabilities
+from pneumoedge.export.heatmap_export import check_heatmaps, explained_or_note, rename_output
+from pneumoedge.export.keras_loading import KerasModel, check_spec_matches, load_keras
+from pneumoedge.export.onnx_run import onnx_session, run_onnx
+from pneumoedge.export.tensors import reference_tensors
+from pneumoedge.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 #: Largest |p_keras - p_onnx| accepted, on probabilities (after the declared activation).
 DEFAULT_PARITY_TOLERANCE = 1e-4
-#: How a model's last layer reads: probabilities from one sigmoid unit, N softmax units, or raw
-#: logits to which the runtime applies sigmoid (1 unit) or softmax (N units).
-HEADS = ("sigmoid", "softmax", "logits")
 
 
 @dataclass
@@ -103,160 +89,6 @@ class ExportResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# numpy helpers shared with evaluation and quantization
-
-
-def apply_activation(raw: np.ndarray, activation: str) -> np.ndarray:
-    """Turn a model's raw output (N, K) into probabilities, as the runtime does."""
-    raw = np.asarray(raw, dtype=np.float64)
-    if activation == "none":
-        return raw
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-raw))
-    if activation == "softmax":
-        shifted = raw - raw.max(axis=1, keepdims=True)
-        e = np.exp(shifted)
-        return e / e.sum(axis=1, keepdims=True)
-    raise ExportError(f"unknown activation {activation!r}")
-
-
-def class_probabilities(probs: np.ndarray) -> np.ndarray:
-    """(N, 1) probability of labels[1] -> (N, 2); (N, K) stays."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim == 1:
-        probs = probs[:, None]
-    if probs.shape[1] == 1:
-        return np.concatenate([1.0 - probs, probs], axis=1)
-    return probs
-
-
-def onnx_session(path: Union[str, Path], threads: int = 1) -> Any:
-    """A plain CPU onnxruntime session for checks (the runtime has its own session factory)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_output(session: Any, tensors: np.ndarray, output: Optional[str] = None, batch_size: int = 16) -> np.ndarray:
-    """One output (default: the first) of a one-input session over (N, ...) tensors, in batches."""
-    name = session.get_inputs()[0].name
-    output = output or session.get_outputs()[0].name
-    outputs = []
-    for start in range(0, len(tensors), batch_size):
-        batch = np.ascontiguousarray(tensors[start : start + batch_size], dtype=np.float32)
-        outputs.append(session.run([output], {name: batch})[0])
-    return np.concatenate(outputs, axis=0)
-
-
-def run_onnx(session: Any, tensors: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Raw class output (the first) of a session over (N, ...) tensors, as (N, K)."""
-    return run_output(session, tensors, batch_size=batch_size).reshape(len(tensors), -1)
-
-
-# ---------------------------------------------------------------------------------------------
-# images for parity and calibration
-
-
-def image_files(folder: Union[str, Path], limit: Optional[int] = None) -> list[Path]:
-    """Image files under `folder` (recursive, sorted); `limit` picks evenly across the list."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise ExportError(f"{root}: not a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ExportError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-    if limit is not None and len(files) > limit:
-        picks = np.linspace(0, len(files) - 1, limit).round().astype(int)
-        files = [files[i] for i in sorted(set(picks.tolist()))]
-    return files
-
-
-def load_tensors(files: Iterable[Union[str, Path]], spec: PreprocessSpec) -> np.ndarray:
-    """Stack `preprocess(file, spec)` for each file: (N, *spec.input_shape) float32."""
-    tensors = []
-    for path in files:
-        try:
-            tensors.append(preprocess(path, spec))
-        except ImageError as exc:
-            raise ExportError(f"{path}: {exc}") from None
-    if not tensors:
-        raise ExportError("no images to preprocess")
-    return np.stack(tensors).astype(np.float32, copy=False)
-
-
-def phantom_folder(root: Union[str, Path], *, count: int = 24, size: int = 128, seed: int = 0) -> Path:
-    """Generate a small set of labelled synthetic phantoms (Kaggle layout) under `root`."""
-    from pneumoedge.datasets import phantoms
-
-    normal = max(1, count // 2)
-    bacteria = max(1, (count - normal) // 2)
-    phantoms.generate_dataset(
-        root,
-        counts={"train": {"normal": normal, "bacteria": bacteria, "virus": max(1, count - normal - bacteria)}},
-        size=size,
-        seed=seed,
-        sixteen_bit_fraction=0.2,
-    )
-    return Path(root)
-
-
-def reference_tensors(
-    spec: PreprocessSpec, images: Optional[Union[str, Path]] = None, *, count: int = 32, seed: int = 0
-) -> tuple[np.ndarray, str]:
-    """Real preprocessed images for parity: from `images` (a folder) or generated phantoms."""
-    if images is not None:
-        files = image_files(images, limit=count)
-        return load_tensors(files, spec), f"{len(files)} images from {images}"
-    with tempfile.TemporaryDirectory(prefix="pneumoedge-parity-") as tmp:
-        folder = phantom_folder(tmp, count=count, size=max(spec.height, spec.width, 64), seed=seed)
-        files = image_files(folder, limit=count)
-        return load_tensors(files, spec), f"{len(files)} generated phantom images (no folder given)"
-
-
-# ---------------------------------------------------------------------------------------------
-# heads and cards
-
-
-def card_for(
-    spec: PreprocessSpec, labels: Sequence[str], head: str, outputs: int
-) -> ModelCard:
-    """The `ModelCard` for a model whose last layer is `head` with `outputs` units."""
-    labels = tuple(labels)
-    if head not in HEADS:
-        raise ExportError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
-    task = "binary" if len(labels) == 2 else "multiclass"
-    if outputs == 1:
-        if task != "binary":
-            raise ExportError(f"the model has 1 output unit but {len(labels)} labels were declared; a 1-unit head is binary")
-        if head == "softmax":
-            raise ExportError("the model has 1 output unit: a softmax over one unit is always 1; use --head sigmoid (or logits)")
-    elif outputs != len(labels):
-        raise ExportError(f"the model has {outputs} output units but {len(labels)} labels were declared ({', '.join(labels)})")
-    elif head == "sigmoid":
-        raise ExportError(f"the model has {outputs} output units: declare --head softmax (probabilities) or logits")
-    activation = "none" if head in ("sigmoid", "softmax") else ("sigmoid" if outputs == 1 else "softmax")
-    return ModelCard(spec=spec, labels=labels, task=task, activation=activation)
-
-
-def _check_probabilities(probs: np.ndarray, head: str) -> None:
-    if not np.all(np.isfinite(probs)):
-        raise ExportError("the model produced NaN or infinite outputs on the reference images")
-    if head == "logits":
-        return
-    if probs.min() < -1e-6 or probs.max() > 1 + 1e-6:
-        raise ExportError(
-            f"--head {head} declares probabilities, but outputs range {probs.min():.3g}..{probs.max():.3g}; "
-            "the model seems to output logits: use --head logits"
-        )
-    if head == "softmax" and probs.shape[1] > 1 and np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
-        raise ExportError("--head softmax declares probabilities, but the outputs do not sum to 1: use --head logits")
-
-
-# ---------------------------------------------------------------------------------------------
 # conversion and parity
 
 
@@ -290,8 +122,8 @@ def convert(
     if len(proto.graph.output) != expected:
         raise ExportError(f"the converted model has {len(proto.graph.output)} outputs; expected {expected}")
     if explained is not None:
-        _rename_output(proto, proto.graph.output[1].name, HEATMAP_OUTPUT)
-        _rename_output(proto, proto.graph.output[2].name, FEATURES_OUTPUT)
+        rename_output(proto, proto.graph.output[1].name, HEATMAP_OUTPUT)
+        rename_output(proto, proto.graph.output[2].name, FEATURES_OUTPUT)
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(card.to_dict())})
     proto.doc_string = f"pneumoedge export of {model.description}; labels {', '.join(card.labels)}"
     onnx.checker.check_model(proto)
@@ -362,14 +194,14 @@ def export_keras(
     """
     started = time.perf_counter()
     model = load_keras(source)
-    _check_spec_matches(model, spec)
+    check_spec_matches(model, spec)
     tensors, described = reference_tensors(spec, images, count=parity_count)
     raw = model.predict(tensors[:8])
     card = card_for(spec, labels, head, raw.shape[1])
-    _check_probabilities(raw, head)
+    check_probabilities(raw, head)
     explained, note = None, "heatmaps not asked for"
     if heatmaps or heatmap_layer:
-        explained, note = _explained(model, labels, heatmap_layer)
+        explained, note = explained_or_note(model, labels, heatmap_layer)
     if explained is not None:
         card = replace(card, explain=explained.card_entry(score_description(labels, raw.shape[1])))
     out = convert(model, spec, out_path, card, opset=opset, explained=explained)
@@ -396,27 +228,3 @@ def export_keras(
 
     nodes = len(onnx.load(str(out)).graph.node)
     return ExportResult(out, card, parity, out.stat().st_size, time.perf_counter() - started, nodes, report, note)
-
-
-def parse_scale(text: Union[str, float]) -> float:
-    """'1/255', '0.0039', 1 -> float; a clear error otherwise."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    value = str(text).strip()
-    try:
-        if "/" in value:
-            num, den = value.split("/", 1)
-            return float(num) / float(den)
-        return float(value)
-    except (ValueError, ZeroDivisionError):
-        raise ExportError(f"scale must be a number or a fraction like 1/255, got {text!r}") from None
-
-
-def parse_floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
-    """'0.485,0.456,0.406' -> a tuple of floats (None stays None)."""
-    if text is None or str(text).strip() == "":
-        return None
-    try:
-        return tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        raise ExportError(f"{what} must be comma-separated numbers, got {text!r}") from None

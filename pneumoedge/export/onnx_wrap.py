@@ -15,22 +15,25 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from pneumoedge.bundle import ONNX_METADATA_KEY, Manifest, MemberSource, ModelCard, sha256_file, write_bundle
-from pneumoedge.export.errors import ExportError
-from pneumoedge.export.onnx_cam import HEATMAP_OUTPUT, PREFIX, HeatmapUnavailable, add_heatmap_outputs
-from pneumoedge.export.onnx_export import _check_probabilities, card_for, image_files, load_tensors, reference_tensors
+from pneumoedge import thresholds
+from pneumoedge.bundle import FEATURES_OUTPUT, HEATMAP_OUTPUT, ONNX_METADATA_KEY, ORIGIN_KEY, MemberSource, ModelCard, sha256_file
+from pneumoedge.export.bundle_builder import BundleOptions, BundleResult, build_bundle
+from pneumoedge.export.errors import ExportError, HeatmapUnavailable
+from pneumoedge.export.foreign import DECLARED_THRESHOLD, foreign_member, foreign_provenance, refuse_reduced_decode, single_file
+from pneumoedge.export.heads import card_for, check_probabilities
+from pneumoedge.export.onnx_cam import PREFIX, add_heatmap_outputs
+from pneumoedge.export.report import Progress, quiet
+from pneumoedge.export.tensors import image_files, reference_tensors
 from pneumoedge.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-#: metadata_props key recording where a wrapped model came from (JSON).
-ORIGIN_KEY = "pneumoedge_origin"
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
@@ -184,7 +187,7 @@ def graph_without_additions(model: Any, original_outputs: int) -> bytes:
 
     graph = onnx.GraphProto()
     graph.CopyFrom(model.graph)
-    keep_nodes = [n for n in graph.node if not (n.name.startswith(PREFIX) or set(n.output) & {HEATMAP_OUTPUT, "pneumoedge_features"})]
+    keep_nodes = [n for n in graph.node if not (n.name.startswith(PREFIX) or set(n.output) & {HEATMAP_OUTPUT, FEATURES_OUTPUT})]
     keep_init = [t for t in graph.initializer if not t.name.startswith(PREFIX)]
     keep_out = list(graph.output)[:original_outputs]
     del graph.node[:], graph.initializer[:], graph.output[:]
@@ -221,8 +224,6 @@ def wrap_onnx(
     Returns:
         WrapResult with the equality evidence. Raises ExportError (one line) on refusal.
     """
-    import onnx
-
     started = time.perf_counter()
     source, out = Path(source), Path(out_path)
     where = str(source)
@@ -233,22 +234,8 @@ def wrap_onnx(
     _, fixed_batch = check_graph(model, spec, where)
     original = open_checked_session(model, where, opset)
     tensors, described = reference_tensors(spec, images, count=count)
-    raw = run_output0(original, tensors, fixed_batch)
-    if not np.all(np.isfinite(raw)):
-        raise ExportError(f"{where}: the model produced NaN or infinite outputs on {described}")
-    try:
-        card = card_for(spec, labels, head, raw.shape[1])
-        _check_probabilities(raw, head)
-    except ExportError as exc:
-        raise ExportError(f"{where}: output {model.graph.output[0].name!r} cannot be the declared head: {exc}") from None
-    explain, note = None, "heatmaps not requested"
-    wrapped = model
-    if heatmap:
-        try:
-            wrapped, explain = add_heatmap_outputs(model, spec, labels)
-            note = f"heatmap outputs added ({explain['method']}, layer {explain['layer']!r}, {explain['score']})"
-        except HeatmapUnavailable as exc:
-            note = str(exc)
+    card = _declared_card(model, run_output0(original, tensors, fixed_batch), spec, labels, head, where, described)
+    wrapped, explain, note = _with_heatmaps(model, spec, labels) if heatmap else (model, None, "heatmaps not requested")
     card = dataclasses.replace(card, explain=explain)
     card_json = card.to_dict()
     if threshold is not None and card.task == "binary":
@@ -258,15 +245,7 @@ def wrap_onnx(
         "source": source.name, "sha256": source_sha, "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "opset": opset, "wrapped_by": "pneumoedge export", "graph": "unchanged except metadata" + (" and heatmap outputs" if explain else ""),
     }
-
-    def write(proto: Any) -> None:
-        props = {p.key: p.value for p in proto.metadata_props}
-        props.update({ONNX_METADATA_KEY: json.dumps(card_json), ORIGIN_KEY: json.dumps(origin)})
-        onnx.helper.set_model_props(proto, props)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, str(out))
-
-    write(wrapped)
+    _write(wrapped, out, card_json, origin)
     equality = _equality(original, out, tensors, fixed_batch, model, described)
     if explain is not None and not (equality["identical"] and equality["graph_unchanged"]):
         # Extra consumers may let onnxruntime fuse differently; the original output wins.
@@ -275,7 +254,7 @@ def wrap_onnx(
         card = dataclasses.replace(card, explain=None)
         card_json.pop("explain", None)
         origin["graph"] = "unchanged except metadata"
-        write(model)
+        _write(model, out, card_json, origin)
         equality = _equality(original, out, tensors, fixed_batch, model, described)
     if not (equality["identical"] and equality["graph_unchanged"]):
         out.unlink(missing_ok=True)
@@ -285,6 +264,40 @@ def wrap_onnx(
         result.sample_probabilities = sample_probabilities(out, images)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _declared_card(
+    model: Any, raw: np.ndarray, spec: PreprocessSpec, labels: Sequence[str], head: str, where: str, described: str
+) -> ModelCard:
+    """The card of the declared head, refused when output 0 cannot be it (NaN, logits called probabilities)."""
+    if not np.all(np.isfinite(raw)):
+        raise ExportError(f"{where}: the model produced NaN or infinite outputs on {described}")
+    try:
+        card = card_for(spec, labels, head, raw.shape[1])
+        check_probabilities(raw, head)
+    except ExportError as exc:
+        raise ExportError(f"{where}: output {model.graph.output[0].name!r} cannot be the declared head: {exc}") from None
+    return card
+
+
+def _with_heatmaps(model: Any, spec: PreprocessSpec, labels: Sequence[str]) -> tuple[Any, Optional[dict[str, Any]], str]:
+    """(graph, card's explain entry, note): closed-form Grad-CAM outputs added when the head allows."""
+    try:
+        wrapped, explain = add_heatmap_outputs(model, spec, labels)
+    except HeatmapUnavailable as exc:
+        return model, None, str(exc)
+    return wrapped, explain, f"heatmap outputs added ({explain['method']}, layer {explain['layer']!r}, {explain['score']})"
+
+
+def _write(proto: Any, out: Path, card_json: dict[str, Any], origin: dict[str, Any]) -> None:
+    """Save the graph with its card and origin in metadata_props."""
+    import onnx
+
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({ONNX_METADATA_KEY: json.dumps(card_json), ORIGIN_KEY: json.dumps(origin)})
+    onnx.helper.set_model_props(proto, props)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(out))
 
 
 def _equality(original: Any, out: Path, tensors: np.ndarray, fixed_batch: Optional[int], model: Any, described: str) -> dict[str, Any]:
@@ -302,106 +315,57 @@ def _equality(original: Any, out: Path, tensors: np.ndarray, fixed_batch: Option
 
 def sample_probabilities(model: Union[str, Path], images: Union[str, Path], limit: int = 8) -> list[tuple[str, dict[str, float]]]:
     """Probabilities the runtime gives a few real files, to compare with the user's own pipeline."""
-    from pneumoedge.runtime.ensemble import load
+    from pneumoedge.runtime.loading import load
 
     ensemble = load(model, threads=1)
     files = image_files(images)[:limit]
     return [(p.source, p.probabilities) for p in ensemble.predict_many(files, batch_size=4) if p.status == "ok"]
 
 
-def _set_card(path: Path, card_json: dict[str, Any]) -> None:
-    """Rewrite the card of a quantized copy so that it keeps `explain` and the threshold."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    props = {p.key: p.value for p in proto.metadata_props}
-    props[ONNX_METADATA_KEY] = json.dumps(card_json)
-    onnx.helper.set_model_props(proto, props)
-    onnx.save(proto, str(path))
-
-
 def export_onnx(
     model: Union[str, Path],
     out: Union[str, Path],
+    options: BundleOptions = BundleOptions(),
     *,
     spec: PreprocessSpec,
     labels: Sequence[str],
     head: str,
-    images: Optional[Union[str, Path]] = None,
-    threshold: float = 0.5,
-    heatmap: bool = True,
-    int8: bool = False,
-    calibration: Optional[Union[str, Path]] = None,
-    int8_options: Optional[dict[str, Any]] = None,
-    name: Optional[str] = None,
-    reference: Optional[Union[str, Path]] = None,
-    progress: Callable[[str], None] = lambda _: None,
-) -> tuple[WrapResult, Optional[Manifest], Optional[Any]]:
-    """Wrap `model` into `out`: one `.onnx` file, or a bundle folder (with int8 when asked).
+    progress: Progress = quiet,
+) -> Union[WrapResult, BundleResult]:
+    """Wrap `model` into `out`: one `.onnx` file, or a bundle folder through `build_bundle`.
 
-    int8 goes through the same accuracy-checked search as Keras members
-    (`quantization.quantize_int8`, options in `int8_options`), calibrated on `calibration`
-    preprocessed with the declared spec. Returns (wrap result, bundle manifest or None,
-    QuantizationResult or None).
+    int8 goes through the same accuracy-checked search as Keras members, calibrated on
+    `options.int8.calibration` (else `options.images`) preprocessed with the declared spec.
+    Returns the WrapResult for one file, the BundleResult (its member's `export` is the
+    WrapResult) for a bundle.
     """
+    started = time.perf_counter()
     out = Path(out)
-    if spec.decode_reduction != 1:
-        raise ExportError("decode_reduction is only for models trained by `pneumoedge train`; a foreign model needs the full decode")
-    if out.suffix == ".onnx":
-        if int8:
-            raise ExportError("--int8 needs a bundle folder as --out (a bundle holds the fp32 and int8 members)")
+    refuse_reduced_decode(spec)
+    options = replace(options, threshold=options.threshold or DECLARED_THRESHOLD)
+    declared = thresholds.parse(options.threshold)
+    wrap = dict(spec=spec, labels=labels, head=head, images=options.images, heatmap=options.heatmaps,
+                threshold=declared.value if declared.kind == "fixed" else None)
+    if single_file(out, options):
         progress(f"wrapping {model} into {out} (checks and bit-for-bit comparison)")
-        return wrap_onnx(model, out, spec=spec, labels=labels, head=head, images=images, threshold=threshold, heatmap=heatmap), None, None
-    member = name or Path(model).stem
+        return wrap_onnx(model, out, **wrap)
+    name = options.name or Path(model).stem
     with tempfile.TemporaryDirectory(prefix="pneumoedge-wrap-") as tmp:
         progress(f"wrapping {model} (checks and bit-for-bit comparison)")
-        result = wrap_onnx(model, Path(tmp) / "model.onnx", spec=spec, labels=labels, head=head, images=images, threshold=threshold, heatmap=heatmap)
+        result = wrap_onnx(model, Path(tmp) / "model.onnx", **wrap)
+        if options.int8.enabled and result.fixed_batch:
+            raise ExportError("--int8 needs a graph with a dynamic batch axis (calibration runs batches); re-export with dynamic_axes")
         origin = {"kind": "wrapped onnx", "source": str(model), "sha256": result.source_sha256}
-        sources = [MemberSource(result.onnx_path, member, spec, "fp32", 1.0, result.card.activation, explain=result.explain, origin=origin)]
-        quantized = None
-        if int8:
-            if result.fixed_batch:
-                raise ExportError("--int8 needs a graph with a dynamic batch axis (calibration runs batches); re-export with dynamic_axes")
-            folder = calibration or images
-            if folder is None:
-                raise ExportError("--int8 needs --calibration DIR (real images, preprocessed with the declared spec)")
-            from pneumoedge.export.quantization import quantize_int8
-
-            progress("quantizing to int8 (accuracy-checked recipe search)")
-            calib = load_tensors(image_files(folder, limit=64), spec)
-            target = Path(tmp) / "model.int8.onnx"
-            quantized = quantize_int8(result.onnx_path, target, calib, threshold=threshold, **(int8_options or {}))
-            card_json = json.loads(_read_props(result.onnx_path)[ONNX_METADATA_KEY])
-            _set_card(target, card_json)
-            sources.append(MemberSource(target, member, spec, "int8", 1.0, result.card.activation, explain=result.explain, origin=origin))
-        ood_summary: dict[str, Any] = {"available": False, "reason": "no --reference (or --calibration) folder given"}
-        folder = reference if reference is not None else calibration
-        if folder is not None:
-            from pneumoedge.export.ood_fit import reference_files, with_ood
-
-            files = reference_files(folder)
-            progress(f"fitting out-of-distribution statistics on {len(files)} images from {folder}")
-            sources, ood_summary = with_ood(sources, files, Path(tmp), described=f"{len(files)} images from {folder}")
+        source = MemberSource(result.onnx_path, name, spec, "fp32", 1.0, result.card.activation, explain=result.explain, origin=origin)
         record = {
-            "out_of_distribution": ood_summary,
             "created_by": "pneumoedge export (foreign ONNX model wrapped, spec declared by the user)",
             "source_model": str(model), "source_sha256": result.source_sha256, "synthetic": False,
             "notice": "a model pneumoedge did not train; its validation is the user's responsibility",
             "wrapped": result.equality, "heatmap": result.explain or result.heatmap_note,
         }
-        if quantized is not None:
-            record["int8"] = quantized.to_dict()
-        binary = result.card.task == "binary"
-        manifest = write_bundle(
-            out, sources, labels=labels, task=result.card.task, threshold=threshold if binary else None,
-            threshold_method=f"declared {threshold}" if binary else "argmax (multiclass)", provenance=record,
-            name=name or out.name, default_precision="int8" if quantized is not None and quantized.ok else "fp32",
+        bundle = build_bundle(
+            out, [foreign_member(name, source, result, options)], Path(tmp), labels=labels, task=result.card.task,
+            options=options, describe=lambda state: foreign_provenance(state, record), progress=progress, started=started,
         )
-    result.onnx_path = out / f"{member}.fp32.onnx"
-    return result, manifest, quantized
-
-
-def _read_props(path: Path) -> dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    result.onnx_path = out / f"{name}.fp32.onnx"
+    return bundle

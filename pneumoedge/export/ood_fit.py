@@ -14,9 +14,9 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from pneumoedge.bundle import MemberSource
-from pneumoedge.export.gradcam import FEATURES_OUTPUT
-from pneumoedge.export.onnx_export import image_files, load_tensors, onnx_session
+from pneumoedge.bundle import FEATURES_OUTPUT, MemberSource
+from pneumoedge.export.onnx_run import onnx_session
+from pneumoedge.export.tensors import evenly, image_files, load_tensors
 from pneumoedge.preprocessing import PreprocessSpec
 from pneumoedge.runtime.ood import OodError, fit
 
@@ -38,12 +38,9 @@ def graph_features(sessions: Sequence[Any], files: Sequence[Path], spec: Preproc
     return [np.concatenate(parts) for parts in collected]
 
 
-def pick(files: Sequence[Union[str, Path]], limit: int = MAX_REFERENCE_IMAGES) -> list[Path]:
-    files = [Path(f) for f in files]
-    if len(files) <= limit:
-        return files
-    picks = np.linspace(0, len(files) - 1, limit).round().astype(int)
-    return [files[i] for i in sorted(set(picks.tolist()))]
+def pick(files: Sequence[Union[str, Path]]) -> list[Path]:
+    """The reference images actually used: at most MAX_REFERENCE_IMAGES, evenly picked."""
+    return evenly([Path(f) for f in files], MAX_REFERENCE_IMAGES)
 
 
 def with_ood(

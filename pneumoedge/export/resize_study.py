@@ -114,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("folder", nargs="?", type=Path)
     parser.add_argument("--count", type=int, default=12)
     args = parser.parse_args(argv)
-    from pneumoedge.export.onnx_export import image_files
+    from pneumoedge.export.tensors import image_files
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder

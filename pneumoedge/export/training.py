@@ -27,13 +27,15 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from pneumoedge.bundle import write_json_atomic
+from pneumoedge import thresholds
+from pneumoedge.atomic import write_json_atomic
 from pneumoedge.export.architectures import get_architecture
 from pneumoedge.export.errors import TrainingError
-from pneumoedge.export.metric_plots import plot_history, write_report
-from pneumoedge.export.metrics import DEFAULT_THRESHOLD_METHOD, choose_threshold, classification_metrics
+from pneumoedge.export.metric_plots import plot_history, plot_report
 from pneumoedge.imageio import ImageError
 from pneumoedge.preprocessing import PreprocessSpec, SpecError, preprocess
+from pneumoedge.thresholds import DEFAULT_THRESHOLD_METHOD
+from pneumoedge.validation.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -162,24 +164,84 @@ def _cosine(learning_rate: float, epochs: int) -> Callable[[int, float], float]:
     return rate
 
 
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How to train (`train`); the run records them in run.json's "options".
+
+    Attributes:
+        task: "binary" (NORMAL/PNEUMONIA, one sigmoid unit) or "multiclass" (NORMAL/BACTERIAL/VIRAL, softmax).
+        val_fraction: share of train/ images, whole patients at a time, held out for validation.
+        balance: "class_weight", "resample" (oversample minority classes) or "none".
+        size: (height, width) override of the architecture's input size.
+        patience: EarlyStopping patience in epochs (ReduceLROnPlateau uses half of it).
+        threshold_method: how the binary threshold is chosen on validation data (`pneumoedge.thresholds`).
+        decode_reduction: JPEG decode at 1/N scale (1, 2, 4, 8), written into the run's spec,
+            so training tensors come from the same cheap reduced decode the runtime will do
+            (PNG and 16-bit files are always fully decoded). Only for models trained here:
+            it changes pixels, so a model trained at 1 must keep 1.
+        lr_schedule: "plateau" (halve the rate when val_loss stalls) or "cosine" (decay to
+            ~1% of `learning_rate` over `epochs`, after a one-epoch warm-up).
+    """
+
+    task: str = "binary"
+    epochs: int = 20
+    batch_size: int = 16
+    seed: int = 0
+    val_fraction: float = 0.2
+    balance: str = "class_weight"
+    size: Optional[tuple[int, int]] = None
+    patience: int = 4
+    learning_rate: float = 1e-3
+    threshold_method: str = DEFAULT_THRESHOLD_METHOD
+    augment: bool = True
+    decode_reduction: int = 1
+    lr_schedule: str = "plateau"
+
+    def check(self) -> None:
+        if self.balance not in BALANCE:
+            raise TrainingError(f"balance must be one of {BALANCE}, got {self.balance!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise TrainingError("epochs and batch size must be at least 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        thresholds.parse(self.threshold_method)  # a typo fails before training, not after
+
+    def record(self) -> dict[str, Any]:
+        """The options as run.json records them."""
+        return {
+            "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed, "val_fraction": self.val_fraction,
+            "balance": self.balance, "patience": self.patience, "learning_rate": self.learning_rate, "augment": self.augment,
+            "threshold_method": self.threshold_method, "decode_reduction": self.decode_reduction, "lr_schedule": self.lr_schedule,
+        }
+
+
+@dataclass
+class Splits:
+    """A data folder's samples for one training: train (and what is fitted on), validation, test."""
+
+    labels: tuple[str, ...]
+    train: list[Any]
+    fit: list[Any]
+    val: list[Any]
+    test: list[Any]
+    class_weights: Optional[dict[str, float]]
+
+
+@dataclass
+class Fitted:
+    """A fitted model (the best epoch's weights) and its history."""
+
+    model: Any
+    history: dict[str, list[float]]
+    best_epoch: int
+
+
 def train(
     data_dir: Union[str, Path],
     arch: str,
     out_dir: Union[str, Path],
+    options: TrainingOptions = TrainingOptions(),
     *,
-    task: str = "binary",
-    epochs: int = 20,
-    batch_size: int = 16,
-    seed: int = 0,
-    val_fraction: float = 0.2,
-    balance: str = "class_weight",
-    size: Optional[Sequence[int]] = None,
-    patience: int = 4,
-    learning_rate: float = 1e-3,
-    threshold_method: str = DEFAULT_THRESHOLD_METHOD,
-    augment: bool = True,
-    decode_reduction: int = 1,
-    lr_schedule: str = "plateau",
     on_epoch: Optional[Callable[[int, int, dict[str, float]], None]] = None,
 ) -> RunResult:
     """Train architecture `arch` on the Kaggle-layout folder `data_dir`; write a run folder.
@@ -188,56 +250,60 @@ def train(
         data_dir: root holding train/ (and optionally test/) with NORMAL/ and PNEUMONIA/.
         arch: a name from `architectures.ARCHITECTURES`.
         out_dir: the run folder (created; an existing model.keras there is refused).
-        task: "binary" (NORMAL/PNEUMONIA, one sigmoid unit) or "multiclass"
-            (NORMAL/BACTERIAL/VIRAL, softmax).
-        val_fraction: share of train/ images, whole patients at a time, held out for validation.
-        balance: "class_weight", "resample" (oversample minority classes) or "none".
-        size: (height, width) override of the architecture's input size.
-        patience: EarlyStopping patience in epochs (ReduceLROnPlateau uses half of it).
-        threshold_method: how the binary threshold is chosen on validation data.
-        decode_reduction: JPEG decode at 1/N scale (1, 2, 4, 8), written into the run's spec,
-            so training tensors come from the same cheap reduced decode the runtime will do
-            (PNG and 16-bit files are always fully decoded). Only for models trained here:
-            it changes pixels, so a model trained at 1 must keep 1.
-        lr_schedule: "plateau" (halve the rate when val_loss stalls) or "cosine" (decay to
-            ~1% of `learning_rate` over `epochs`, after a one-epoch warm-up).
+        options: how to train.
         on_epoch: called as on_epoch(epoch, epochs, logs) after each epoch (progress bars).
 
     Returns:
         RunResult; the run folder's files are listed in `files`.
     """
     import keras
-    import tensorflow as tf
 
     started = time.perf_counter()
-    if balance not in BALANCE:
-        raise TrainingError(f"balance must be one of {BALANCE}, got {balance!r}")
-    if epochs < 1 or batch_size < 1:
-        raise TrainingError("epochs and batch size must be at least 1")
-    if lr_schedule not in LR_SCHEDULES:
-        raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    options.check()
     architecture = get_architecture(arch)
-    spec = with_decode_reduction(architecture.default_spec(size), decode_reduction)
+    spec = with_decode_reduction(architecture.default_spec(options.size), options.decode_reduction)
     run_dir = Path(out_dir)
     if (run_dir / "model.keras").exists():
         raise TrainingError(f"{run_dir} already holds a trained model; choose another --out or remove it")
+    splits = read_splits(data_dir, options)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plots").mkdir(exist_ok=True)
+    keras.utils.set_random_seed(options.seed)
+
+    log.info("preprocessing %d train + %d val images at %dx%d", len(splits.train), len(splits.val), spec.height, spec.width)
+    x_train, y_train = load_arrays(splits.fit, spec, options.task, splits.labels)
+    x_val, y_val = load_arrays(splits.val, spec, options.task, splits.labels)
+    fitted = fit_model(architecture, (x_train, y_train), (x_val, y_val), spec, splits, options, run_dir, on_epoch)
+    model = fitted.model
+    model.save(run_dir / "model.keras")
+    metrics, threshold, files = evaluate_fitted(model, (x_val, y_val), splits, spec, options, run_dir)
+    files["training_curves"] = str(plot_history(fitted.history, run_dir / "plots" / "training_curves.png"))
+    seconds = time.perf_counter() - started
+    record = run_record(arch, architecture.description, spec, splits, fitted, options, dataset_provenance(data_dir), seconds)
+    files.update(write_run(run_dir, spec, splits, fitted.history, metrics, record, options))
+    return RunResult(run_dir, arch, options.task, splits.labels, spec, record["epochs_run"], fitted.best_epoch, threshold, metrics, seconds, files)
+
+
+def read_splits(data_dir: Union[str, Path], options: TrainingOptions) -> Splits:
+    """The patient-level train/validation split of train/, the fitting set after balancing, and test/."""
     kaggle = _datasets()
+    task = options.task
     try:
         labels = kaggle.labels_for(task)
         samples = kaggle.scan(data_dir, split="train")
-        train_samples, val_samples = kaggle.patient_split(samples, val_fraction, seed)
-        if balance == "resample":
-            fit_samples = kaggle.balanced_resample(train_samples, task, seed)
+        train_samples, val_samples = kaggle.patient_split(samples, options.val_fraction, options.seed)
+        if options.balance == "resample":
+            fit_samples = kaggle.balanced_resample(train_samples, task, options.seed)
             weights = None
         else:
             fit_samples = train_samples
-            weights = kaggle.class_weights(train_samples, task) if balance == "class_weight" else None
+            weights = kaggle.class_weights(train_samples, task) if options.balance == "class_weight" else None
         for s in train_samples + val_samples:
             s.target(task)
     except kaggle.DatasetError as exc:
         raise TrainingError(str(exc)) from None
     if not val_samples:
-        raise TrainingError(f"{data_dir}: too few patients to hold out a validation split (val_fraction {val_fraction})")
+        raise TrainingError(f"{data_dir}: too few patients to hold out a validation split (val_fraction {options.val_fraction})")
     test_samples: list[Any] = []
     if (Path(data_dir) / "test").is_dir():
         try:
@@ -247,26 +313,28 @@ def train(
         except kaggle.DatasetError as exc:
             log.warning("test split not used: %s", exc)
             test_samples = []
+    return Splits(tuple(labels), train_samples, fit_samples, val_samples, test_samples, weights)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "plots").mkdir(exist_ok=True)
-    keras.utils.set_random_seed(seed)
 
-    log.info("preprocessing %d train + %d val images at %dx%d", len(train_samples), len(val_samples), spec.height, spec.width)
-    x_train, y_train = load_arrays(fit_samples, spec, task, labels)
-    x_val, y_val = load_arrays(val_samples, spec, task, labels)
+def fit_model(
+    architecture: Any, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tuple[np.ndarray, np.ndarray], spec: PreprocessSpec,
+    splits: Splits, options: TrainingOptions, run_dir: Path, on_epoch: Optional[Callable[[int, int, dict[str, float]], None]],
+) -> Fitted:
+    """Build, compile and fit the model; return the best epoch's model (from the checkpoint) and the history."""
+    import keras
+    import tensorflow as tf
 
-    model = architecture.build(task, num_classes=len(labels), size=size)
-    binary = task == "binary"
+    (x_train, y_train), (x_val, y_val) = train_xy, val_xy
+    labels, binary = list(splits.labels), options.task == "binary"
+    model = architecture.build(options.task, num_classes=len(labels), size=options.size)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(options.learning_rate),
         loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
         metrics=["accuracy"] + ([keras.metrics.AUC(name="auc")] if binary else []),
     )
-
-    augmenter = augmentation(spec, seed) if augment else None
+    augmenter = augmentation(spec, options.seed) if options.augment else None
     train_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32) if binary else y_train))
-    train_ds = train_ds.shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    train_ds = train_ds.shuffle(len(x_train), seed=options.seed, reshuffle_each_iteration=True).batch(options.batch_size)
     if augmenter is not None:
         train_ds = train_ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=1)
     train_ds = train_ds.prefetch(2)
@@ -274,16 +342,17 @@ def train(
 
     checkpoint = run_dir / "checkpoint.best.keras"
     callbacks: list[Any] = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 2), min_lr=1e-5)
-        if lr_schedule == "plateau"
-        else keras.callbacks.LearningRateScheduler(_cosine(learning_rate, epochs)),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, options.patience // 2), min_lr=1e-5)
+        if options.lr_schedule == "plateau"
+        else keras.callbacks.LearningRateScheduler(_cosine(options.learning_rate, options.epochs)),
         keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
     ]
     if on_epoch is not None:
-        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, epochs, dict(logs or {}))))
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, options.epochs, dict(logs or {}))))
+    weights = splits.class_weights
     class_weight = {labels.index(name): float(w) for name, w in weights.items()} if weights else None
-    fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=class_weight, callbacks=callbacks, verbose=0)
+    fit = model.fit(train_ds, validation_data=val_ds, epochs=options.epochs, class_weight=class_weight, callbacks=callbacks, verbose=0)
     history = {k: [float(v) for v in values] for k, values in fit.history.items()}
     val_losses = history.get("val_loss", [])
     best_epoch = int(np.argmin(val_losses)) + 1 if val_losses else len(history.get("loss", []))
@@ -292,78 +361,69 @@ def train(
     if checkpoint.exists():
         model = keras.saving.load_model(checkpoint, compile=False)
         checkpoint.unlink()
-    model.save(run_dir / "model.keras")
+    return Fitted(model, history, best_epoch)
 
-    # Metrics: validation chooses the threshold; test (if any) is reported at that threshold.
+
+def evaluate_fitted(
+    model: Any, val_xy: tuple[np.ndarray, np.ndarray], splits: Splits, spec: PreprocessSpec, options: TrainingOptions, run_dir: Path
+) -> tuple[dict[str, Any], Optional[float], dict[str, str]]:
+    """Validation chooses the threshold; test (if any) is reported at it. Returns (metrics, threshold, plot files)."""
+    x_val, y_val = val_xy
+    labels = splits.labels
     p_val = model.predict(x_val, batch_size=64, verbose=0)
-    metrics: dict[str, Any] = {"task": task, "labels": list(labels)}
+    metrics: dict[str, Any] = {"task": options.task, "labels": list(labels)}
     threshold = None
-    if binary:
-        choice = choose_threshold(y_val, p_val[:, 0], threshold_method)
+    if options.task == "binary":
+        choice = thresholds.choose(options.threshold_method, y_val, p_val[:, 0]).as_dict()
         threshold = choice["threshold"]
         metrics["threshold"] = choice
     metrics["validation"] = classification_metrics(y_val, p_val, labels, threshold)
     files = {"model": str(run_dir / "model.keras")}
-    files.update({f"validation_{k}": v for k, v in write_report(run_dir / "plots", "validation", y_val, p_val, labels, metrics["validation"]).items() if k != "metrics"})
-    (run_dir / "plots" / "validation.json").unlink(missing_ok=True)
-    if test_samples:
-        x_test, y_test = load_arrays(test_samples, spec, task, labels)
+    files.update({f"validation_{k}": v for k, v in plot_report(run_dir / "plots", "validation", y_val, p_val, labels, metrics["validation"]).items()})
+    if splits.test:
+        x_test, y_test = load_arrays(splits.test, spec, options.task, labels)
         p_test = model.predict(x_test, batch_size=64, verbose=0)
         metrics["test"] = classification_metrics(y_test, p_test, labels, threshold)
-        files.update({f"test_{k}": v for k, v in write_report(run_dir / "plots", "test", y_test, p_test, labels, metrics["test"]).items() if k != "metrics"})
-        (run_dir / "plots" / "test.json").unlink(missing_ok=True)
-    files["training_curves"] = str(plot_history(history, run_dir / "plots" / "training_curves.png"))
+        files.update({f"test_{k}": v for k, v in plot_report(run_dir / "plots", "test", y_test, p_test, labels, metrics["test"]).items()})
+    return metrics, threshold, files
 
-    provenance = dataset_provenance(data_dir)
-    seconds = time.perf_counter() - started
-    run_record = {
+
+def run_record(
+    arch: str, description: str, spec: PreprocessSpec, splits: Splits, fitted: Fitted, options: TrainingOptions,
+    provenance: dict[str, Any], seconds: float,
+) -> dict[str, Any]:
+    """run.json: what was trained, how, on what, and with which versions."""
+    import keras
+    import tensorflow as tf
+
+    return {
         "arch": arch,
-        "description": architecture.description,
-        "task": task,
-        "labels": list(labels),
-        "head": "sigmoid" if binary else "softmax",
-        "parameters": int(model.count_params()),
-        "options": {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "balance": balance,
-            "patience": patience,
-            "learning_rate": learning_rate,
-            "augment": augment,
-            "threshold_method": threshold_method,
-            "decode_reduction": spec.decode_reduction,
-            "lr_schedule": lr_schedule,
-        },
-        "counts": {"train": len(train_samples), "fit": len(fit_samples), "val": len(val_samples), "test": len(test_samples)},
-        "epochs_run": len(history.get("loss", [])),
-        "best_epoch": best_epoch,
+        "description": description,
+        "task": options.task,
+        "labels": list(splits.labels),
+        "head": "sigmoid" if options.task == "binary" else "softmax",
+        "parameters": int(fitted.model.count_params()),
+        "options": {**options.record(), "decode_reduction": spec.decode_reduction},
+        "counts": {"train": len(splits.train), "fit": len(splits.fit), "val": len(splits.val), "test": len(splits.test)},
+        "epochs_run": len(fitted.history.get("loss", [])),
+        "best_epoch": fitted.best_epoch,
         "seconds": round(seconds, 1),
         "provenance": provenance,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
-    write_json_atomic(run_dir / "spec.json", spec.to_dict())
-    write_json_atomic(run_dir / "labels.json", list(labels))
-    write_json_atomic(run_dir / "history.json", history)
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    write_json_atomic(run_dir / "split.json", {"seed": seed, "val_fraction": val_fraction, "train": _split_record(train_samples, task), "val": _split_record(val_samples, task)})
-    write_json_atomic(run_dir / "run.json", run_record)
-    for name in ("spec", "labels", "history", "metrics", "split", "run"):
-        files[name] = str(run_dir / f"{name}.json")
-    return RunResult(
-        run_dir=run_dir,
-        arch=arch,
-        task=task,
-        labels=tuple(labels),
-        spec=spec,
-        epochs_run=run_record["epochs_run"],
-        best_epoch=best_epoch,
-        threshold=threshold,
-        metrics=metrics,
-        seconds=seconds,
-        files=files,
-    )
+
+
+def write_run(
+    run_dir: Path, spec: PreprocessSpec, splits: Splits, history: dict[str, list[float]], metrics: dict[str, Any],
+    record: dict[str, Any], options: TrainingOptions,
+) -> dict[str, str]:
+    """The run folder's JSON files (spec, labels, history, metrics, split, run); returns their paths."""
+    split = {"seed": options.seed, "val_fraction": options.val_fraction,
+             "train": _split_record(splits.train, options.task), "val": _split_record(splits.val, options.task)}
+    contents = {"spec": spec.to_dict(), "labels": list(splits.labels), "history": history, "metrics": metrics, "split": split, "run": record}
+    for name, data in contents.items():
+        write_json_atomic(run_dir / f"{name}.json", data)
+    return {name: str(run_dir / f"{name}.json") for name in contents}
 
 
 @dataclass
