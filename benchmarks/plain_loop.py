@@ -1,20 +1,22 @@
-"""Whole-process time: `pneumoedge infer` on a folder against a plain sequential onnxruntime loop.
+"""Whole-process time: `pneumoedge infer` with its defaults against the six-line onnxruntime loop.
 
-The plain loop is what anyone would write in six lines: cv2 decode (the same decode the
-model's spec asks for), cv2 resize, one session per model file, one image at a time. Both
-sides run as fresh processes on the same X-ray-sized phantom JPEGs, alternately, several
-times; wall time includes interpreter start, imports, model loading and writing results.
+The plain loop is what anyone would write: cv2.imread (the decode the model's spec asks for),
+cv2.resize, one `InferenceSession` per fp32 model file with onnxruntime's default threads, one
+image at a time; it computes no out-of-distribution score and writes nothing. `infer` runs with
+its defaults (precision and threads chosen for this computer, OOD and all) and writes its CSV.
+Both sides are fresh processes on the same X-ray-sized synthetic JPEGs (1-2.5 Mpx), one warm-up
+each, then alternating runs; the figure is the median, with the min-max spread beside it,
+because the machine is shared. Wall time includes interpreter start, imports, model loading
+and writing results; CPU time (user + system) is what other jobs disturb least.
 
-    python benchmarks/plain_loop.py                          # default bundle + Xception-size model
-    python benchmarks/plain_loop.py --models default --repeats 5
-    python benchmarks/plain_loop.py --json /tmp/after.json
-    PYTHONPATH=/tmp/old-checkout python benchmarks/plain_loop.py --json /tmp/before.json   # an older pneumoedge
-    python benchmarks/plain_loop.py --record --before /tmp/before.json --tune-budget 30 --note "..."
-        # measures, runs `pneumoedge tune` on the default bundle, rewrites its section of benchmarks/RESULTS.md
+    python benchmarks/plain_loop.py                                  # default bundle + every zoo model, 32 images
+    python benchmarks/plain_loop.py --models default,mobilenetv2 --images 32,500 --repeats 3
+    python benchmarks/plain_loop.py --models zoo --stages --record --note "..."   # rewrites its RESULTS.md section
 
-The Xception-size model (keras.applications.Xception, weights=None, 299x299x3, 2 classes;
-20.9 M parameters, random weights: timing only) is built once with the [export] extra and
-kept under /tmp/pneumoedge-xception (never in the repository).
+Models: `default` (the bundled one), `zoo` (every model listed in $PNEUMOEDGE_ZOO/READY, default
+/work/zoo, built by benchmarks/zoo_build.py: keras.applications backbones trained on phantoms,
+demonstrations only), a zoo name, or a bundle folder. `--stages` adds `pneumoedge bench`'s
+per-image stage costs (decode, preprocess, model, OOD, heatmap, overlay, row) for each model.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-XCEPTION_DIR = Path(os.environ.get("PNEUMOEDGE_XCEPTION_DIR", "/tmp/pneumoedge-xception"))
+ZOO = Path(os.environ.get("PNEUMOEDGE_ZOO", "/work/zoo"))
 
 # The plain loop, run with `python -c`: only cv2, numpy and onnxruntime. argv: folder, then
 # for each model file: path, height, width, gray(0/1), reduction, interpolation, scale, offset.
@@ -58,7 +60,7 @@ def load_average() -> str:
 
 
 def write_phantoms(folder: Path, n: int, seed: int = 13) -> None:
-    """`n` X-ray-sized (1024-1600 px) synthetic phantoms as JPEG q90: not patients, timing only."""
+    """`n` X-ray-sized (1024-1600 px a side) synthetic phantoms as JPEG q90: not patients, timing only."""
     import cv2
     import numpy as np
 
@@ -72,34 +74,55 @@ def write_phantoms(folder: Path, n: int, seed: int = 13) -> None:
         cv2.imwrite(str(folder / f"phantom_{i:03d}.jpeg"), pixels, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
-def build_xception(out: Path) -> Path:
-    """An Xception-size bundle (random weights), exported through pneumoedge's own export."""
-    if (out / "manifest.json").is_file():
-        return out
-    keras_file = out.parent / "xception_random.keras"
-    if not keras_file.is_file():
-        code = (
-            "import keras; keras.applications.Xception(weights=None, input_shape=(299, 299, 3), classes=2)"
-            f".save({str(keras_file)!r})"
-        )
-        subprocess.run([sys.executable, "-c", code], check=True)
-    subprocess.run(
-        [sys.executable, "-m", "pneumoedge", "export", str(keras_file), "--out", str(out), "--size", "299", "299",
-         "--color", "rgb", "--resize", "bilinear", "--scale", "1/127.5", "--offset", "-1",
-         "--labels", "NORMAL,PNEUMONIA", "--head", "softmax", "--name", "xception-random"],
-        check=True,
-    )
-    return out
+def image_folders(counts: list[int]) -> dict[int, Path]:
+    """One folder per count, the first N files of one pool (links, so the bytes are the same files)."""
+    base = Path(tempfile.mkdtemp(prefix="pneumoedge-plain-images-"))
+    pool = base / "pool"
+    write_phantoms(pool, max(counts))
+    files = sorted(pool.glob("*.jpeg"))
+    folders = {}
+    for count in counts:
+        folder = base / f"n{count}"
+        folder.mkdir()
+        for path in files[:count]:
+            (folder / path.name).symlink_to(path)
+        folders[count] = folder
+    return folders
 
 
-def plain_args(bundle: Path, precision: str) -> list[str]:
-    """The plain loop's arguments for the bundle's members at `precision` (same decode and resize)."""
+def models(names: str) -> list[tuple[str, Path]]:
+    """(name, bundle folder) for `default`, `zoo`, zoo names and bundle paths."""
+    from pneumoedge.runtime.loading import default_bundle_path
+
+    zoo = {}
+    if (ZOO / "READY").is_file():
+        for line in (ZOO / "READY").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2:
+                zoo[parts[0]] = Path(parts[1])
+    chosen = []
+    for name in names.split(","):
+        if name == "default":
+            chosen.append(("default", default_bundle_path()))
+        elif name == "zoo":
+            chosen += sorted(zoo.items())
+        elif name in zoo:
+            chosen.append((name, zoo[name]))
+        elif (Path(name) / "manifest.json").is_file():
+            chosen.append((Path(name).name, Path(name)))
+        else:
+            raise SystemExit(f"unknown model {name!r}: not default, zoo, a model in {ZOO / 'READY'} or a bundle folder")
+    return chosen
+
+
+def plain_args(bundle: Path) -> list[str]:
+    """The plain loop's arguments for the bundle's fp32 members (same decode and resize as their spec)."""
     from pneumoedge.bundle import read_manifest
     from pneumoedge.preprocessing import RESIZE_METHODS
 
     manifest = read_manifest(bundle, verify=False)
     args = []
-    for member in manifest.members_for(precision):
+    for member in manifest.members_for("fp32"):
         spec = member.card.spec
         if spec.mean is not None or spec.std is not None or spec.layout != "NHWC":
             raise SystemExit(f"{bundle}: the plain loop here handles scale/offset NHWC specs only")
@@ -109,8 +132,7 @@ def plain_args(bundle: Path, precision: str) -> list[str]:
 
 
 def timed(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds user+system) of one fresh process. CPU time is the figure that
-    a busy shared machine disturbs least: it counts the work done, not the waiting for a core."""
+    """(wall seconds, CPU seconds user+system) of one fresh process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -121,144 +143,133 @@ def timed(command: list[str]) -> tuple[float, float]:
     return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def compare(name: str, bundle: Path, precision: str, images: Path, repeats: int, extra: list[str]) -> dict:
+def compare(name: str, bundle: Path, images: Path, count: int, repeats: int, extra: list[str]) -> dict:
+    """Alternating fresh-process runs of both sides on one folder; medians and spreads."""
+    import pneumoedge
+
     out = Path(tempfile.mkdtemp(prefix="pneumoedge-plain-")) / "results.csv"
-    infer = [sys.executable, "-m", "pneumoedge", "infer", str(images), "--model", str(bundle), "--precision", precision,
+    infer = [sys.executable, "-m", "pneumoedge", "infer", str(images), "--model", str(bundle),
              "--out", str(out), "--overwrite", "--no-progress", *extra]
-    plain = [sys.executable, "-c", PLAIN_LOOP, str(images), *plain_args(bundle, precision)]
-    timed(plain), timed(infer)  # warm the page cache for both
+    plain = [sys.executable, "-c", PLAIN_LOOP, str(images), *plain_args(bundle)]
+    configuration = pneumoedge.load(bundle, threads="auto").configuration.describe()  # what infer's defaults pick here
+    timed(plain), timed(infer)  # warm the page cache and the optimized-graph cache for both
     rows = []
-    for _ in range(repeats):
+    for i in range(repeats):
         load = load_average()
-        (plain_s, plain_cpu), (infer_s, infer_cpu) = timed(plain), timed(infer)
-        rows.append({"plain_s": plain_s, "plain_cpu_s": plain_cpu, "infer_s": infer_s, "infer_cpu_s": infer_cpu, "load_average": load})
-    result = {"model": name, "bundle": str(bundle), "precision": precision, "extra": extra, "runs": rows}
+        sides = [("plain", plain), ("infer", infer)] if i % 2 == 0 else [("infer", infer), ("plain", plain)]
+        row = {"load_average": load, "first": sides[0][0]}
+        for side, command in sides:
+            row[f"{side}_s"], row[f"{side}_cpu_s"] = timed(command)
+        rows.append(row)
+    result = {"model": name, "bundle": str(bundle), "images": count, "configuration": configuration, "extra": extra, "runs": rows}
     for key in ("plain_s", "infer_s", "plain_cpu_s", "infer_cpu_s"):
-        result[key.replace("_s", "_median_s")] = statistics.median(r[key] for r in rows)
-        result[key.replace("_s", "_min_s")] = min(r[key] for r in rows)
+        values = [r[key] for r in rows]
+        stem = key[:-2]
+        result[f"{stem}_median_s"], result[f"{stem}_min_s"], result[f"{stem}_max_s"] = statistics.median(values), min(values), max(values)
+    result["ratio"] = result["infer_median_s"] / result["plain_median_s"]
     print(
-        f"{name:<9} {precision:<5} {' '.join(extra) or '-':<12} wall: plain {result['plain_median_s']:.2f} s "
-        f"(min {result['plain_min_s']:.2f}), infer {result['infer_median_s']:.2f} s (min {result['infer_min_s']:.2f}); "
-        f"CPU: plain {result['plain_cpu_median_s']:.2f} s, infer {result['infer_cpu_median_s']:.2f} s; "
-        f"load {rows[0]['load_average']}",
+        f"{name:<15} {count:>4} images  wall: plain {result['plain_median_s']:.2f} s [{result['plain_min_s']:.2f}-{result['plain_max_s']:.2f}], "
+        f"infer {result['infer_median_s']:.2f} s [{result['infer_min_s']:.2f}-{result['infer_max_s']:.2f}] = {result['ratio']:.2f}x; "
+        f"CPU: plain {result['plain_cpu_median_s']:.2f} s, infer {result['infer_cpu_median_s']:.2f} s; load {rows[0]['load_average']}; {configuration}",
         flush=True,
     )
     return result
 
 
+def stages(name: str, bundle: Path, images: Path) -> dict:
+    """`pneumoedge bench`'s per-image stage costs (batch 1, medians) on six of the images."""
+    from pneumoedge.benchmarking.bench import BenchSettings, run_bench
+
+    files = sorted(images.glob("*.jpeg"))[:6]
+    load = load_average()
+    report = run_bench(bundle, files, BenchSettings(runs=10, warmup=2, throughput_images=16), command=["plain_loop.py", "--stages"])
+    member = report["members"][0]
+    figures = {"model": name, "load_average": load, "stages_ms": report["ensemble"]["stages_ms"],
+               "input": "x".join(str(v) for v in member["input_shape"]), "precision": member["precision"],
+               "model_batch1_ms": member["model_only_ms"]["p50"]}
+    print(f"{name:<15} stages (ms/image): " + ", ".join(f"{k} {v:.2f}" for k, v in figures["stages_ms"].items() if v is not None), flush=True)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="default,xception", help="comma-separated: default, xception")
-    parser.add_argument("--images", type=int, default=32, help="phantom JPEGs in the folder")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side")
-    parser.add_argument("--precision", default="fp32", help="comma-separated precisions for the default bundle")
+    parser.add_argument("--models", default="default,zoo", help="comma-separated: default, zoo, zoo names, bundle folders")
+    parser.add_argument("--images", default="32", help="comma-separated image counts, e.g. 32,500")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side (after one warm-up each)")
     parser.add_argument("--infer-args", default="", help="extra arguments for pneumoedge infer, e.g. '--threads 2'")
+    parser.add_argument("--stages", action="store_true", help="also measure bench's per-image stage costs of each model")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--record", action="store_true", help="rewrite this script's section of benchmarks/RESULTS.md")
-    parser.add_argument("--before", type=Path, help="figures (--json) of an older checkout, shown beside these")
-    parser.add_argument("--tune-budget", type=float, default=0.0, help="also run `pneumoedge tune` on the default bundle (seconds)")
     parser.add_argument("--note", default="", help="conditions to record (other jobs running, ...)")
     options = parser.parse_args(argv)
 
-    from pneumoedge.runtime.loading import default_bundle_path
-
-    try:
-        from pneumoedge.runtime.machine import cpu_info
-    except ImportError:  # an older checkout on PYTHONPATH, for before/after figures: this checkout's module
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("_machine", ROOT / "pneumoedge" / "runtime" / "machine.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["_machine"] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-        cpu_info = module.cpu_info
+    from pneumoedge.runtime.machine import cpu_info
 
     cpu = cpu_info()
-    print(f"machine: {cpu.model}, {cpu.logical_cores} logical CPUs, SIMD: {cpu.flags_text}; load {load_average()}")
-    images = Path(tempfile.mkdtemp(prefix="pneumoedge-plain-images-"))
-    write_phantoms(images, options.images)
+    print(f"machine: {cpu.model}, {cpu.logical_cores} logical CPUs, SIMD: {cpu.flags_text}; load {load_average()}", flush=True)
+    counts = sorted({int(c) for c in options.images.split(",")})
+    folders = image_folders(counts)
     extra = options.infer_args.split()
-    results = []
-    for name in options.models.split(","):
-        if name == "default":
-            for precision in options.precision.split(","):
-                results.append(compare(name, default_bundle_path(), precision, images, options.repeats, extra))
-        elif name == "xception":
-            results.append(compare(name, build_xception(XCEPTION_DIR / "bundle"), "fp32", images, options.repeats, extra))
-        else:
-            parser.error(f"unknown model {name!r}")
-    record = {"machine": cpu.to_dict(), "images": options.images, "results": results,
+    chosen = models(options.models)
+    results, stage_rows = [], []
+    for name, bundle in chosen:
+        for count in counts:
+            results.append(compare(name, bundle, folders[count], count, options.repeats, extra))
+        if options.stages:
+            stage_rows.append(stages(name, bundle, folders[counts[0]]))
+    record = {"machine": cpu.to_dict(), "counts": counts, "repeats": options.repeats, "results": results, "stages": stage_rows,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": ["python", *sys.argv]}
-    if options.tune_budget > 0:
-        record["tune"] = run_tune(default_bundle_path(), options.tune_budget)
     if options.json:
         options.json.write_text(json.dumps(record, indent=2) + "\n")
     if options.record:
-        before = json.loads(options.before.read_text()) if options.before else None
-        write_section(ROOT / "benchmarks" / "RESULTS.md", render(record, before, options.note))
+        write_section(ROOT / "benchmarks" / "RESULTS.md", render(record, options.note))
     return 0
-
-
-def run_tune(bundle: Path, budget: float) -> dict:
-    """`pneumoedge tune` on `bundle` (the library call), as it would run on this machine."""
-    from pneumoedge.benchmarking.tune import tune
-
-    load = load_average()
-    result = tune(bundle, budget_s=budget)
-    return {"load_average": load, "seconds": result.seconds, "choice": result.choice.to_dict(), "measured": result.measured,
-            "skipped": result.skipped}
 
 
 MARKERS = ("<!-- plain_loop:start -->", "<!-- plain_loop:end -->")
 
 
-def render(record: dict, before: dict | None, note: str) -> str:
-    """The RESULTS.md section: machine and flags, the plain-loop table (before/after), the tune rows."""
+def render(record: dict, note: str) -> str:
+    """The RESULTS.md section: machine and flags, protocol, plain loop vs infer, stage costs."""
     machine = record["machine"]
     lines = [
         MARKERS[0],
-        "## Whole process: `pneumoedge infer` vs a plain onnxruntime loop; `pneumoedge tune`",
+        "## Whole process: `pneumoedge infer` (defaults) vs the six-line onnxruntime loop",
         "",
         f"- **Date**: {record['created']}; **command**: `{' '.join(record['command'])}`",
         f"- **Machine**: {machine['cpu']}, {machine['logical_cores']} logical cores; **SIMD**: "
         f"{' '.join(machine['simd']) or 'no AVX2/VNNI/AMX'}; VNNI/AMX for int8: {'yes' if machine['fast_int8'] else '**no**'}",
-        f"- **Conditions**: {note or 'not noted'}; load average beside each row (1, 5, 15 min, at the row's start)",
-        f"- **Protocol**: {record['images']} X-ray-sized phantom JPEGs (1024-1600 px, synthetic); each side a fresh process, "
-        "alternating, 3 runs after one warm-up each; medians. The plain loop: cv2 decode as the spec asks, cv2 resize, one "
-        "session per model file (onnxruntime's default threads), one image at a time. CPU = user + system seconds of the "
-        "process: the figure other jobs on a shared machine disturb least.",
+        f"- **Conditions**: {note or 'not noted'}; load average (1, 5, 15 min) at each row's first run",
+        f"- **Protocol**: synthetic X-ray-sized JPEGs (1024-1600 px a side); each side a fresh process; one warm-up each, "
+        f"then {record['repeats']} alternating runs; median [min-max] seconds. Plain loop: cv2.imread as the spec asks, "
+        "cv2.resize, `InferenceSession.run` per image on the fp32 file(s), onnxruntime's default threads, no OOD, no output. "
+        "`infer`: its defaults (configuration column), OOD score and CSV included. Zoo models are keras.applications "
+        "backbones trained briefly on phantoms (benchmarks/zoo_build.py): demonstrations for speed, not classifiers.",
         "",
-        "| model | precision | plain loop wall s | `infer` wall s | plain CPU s | `infer` CPU s | infer / plain (wall) | load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | images | plain loop wall s | `infer` wall s | infer / plain | plain CPU s | `infer` CPU s | load | `infer` configuration |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-
-    def rows(data: dict, label: str) -> None:
-        for r in data["results"]:
-            lines.append(
-                f"| {r['model']} {label} | {r['precision']} | {r['plain_median_s']:.2f} | **{r['infer_median_s']:.2f}** | "
-                f"{r.get('plain_cpu_median_s', float('nan')):.2f} | {r.get('infer_cpu_median_s', float('nan')):.2f} | "
-                f"{r['infer_median_s'] / r['plain_median_s']:.2f} | {r['runs'][0]['load_average']} |"
-            )
-
-    if before:
-        rows(before, "(before)")
-    rows(record, "(now)" if before else "")
-    tune = record.get("tune")
-    if tune:
-        choice = tune["choice"]
+    for r in record["results"]:
+        lines.append(
+            f"| {r['model']} | {r['images']} | {r['plain_median_s']:.2f} [{r['plain_min_s']:.2f}-{r['plain_max_s']:.2f}] | "
+            f"**{r['infer_median_s']:.2f}** [{r['infer_min_s']:.2f}-{r['infer_max_s']:.2f}] | {r['ratio']:.2f} | "
+            f"{r['plain_cpu_median_s']:.2f} | {r['infer_cpu_median_s']:.2f} | {r['runs'][0]['load_average']} | {r['configuration']} |"
+        )
+    if record.get("stages"):
+        keys = ("decode", "preprocess", "model", "ood", "heatmap", "overlay", "row")
         lines += [
             "",
-            f"`pneumoedge tune` on the default bundle ({tune['seconds']:.0f} s, load {tune['load_average']}): chosen "
-            f"**{choice['precision']}, threads {choice['threads']} x {choice['runners']} runners, batch {choice['batch']}** "
-            f"({choice['reason']}).",
+            "Where one image's milliseconds go (`pneumoedge bench`'s `stages_ms`: batch 1, medians of 10 runs on 6 of the "
+            "images; - = the model has no such stage):",
             "",
-            "| precision | threads | runners | batch | images/s | load |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| model | input | precision | " + " | ".join(keys) + " | load |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- |",
         ]
-        for r in sorted(tune["measured"], key=lambda r: -r["images_per_s"]):
-            lines.append(f"| {r['precision']} | {r['threads']} | {r['runners']} | {r['batch']} | {r['images_per_s']:.1f} | {r['load_average']} |")
-    lines += ["", "Reproduce: `python benchmarks/plain_loop.py --record` (docs/speed.md). This section is rewritten by that script only.",
-              MARKERS[1]]
+        for s in record["stages"]:
+            cells = ["-" if s["stages_ms"].get(k) is None else f"{s['stages_ms'][k]:.2f}" for k in keys]
+            lines.append(f"| {s['model']} | {s['input']} | {s['precision']} | " + " | ".join(cells) + f" | {s['load_average']} |")
+    lines += ["", "Reproduce: `python benchmarks/plain_loop.py --models default,zoo --images 32,500 --stages --record`. "
+              "This section is rewritten by that script only.", MARKERS[1]]
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pneumoedge.formats import ImageError, check_size
+from pneumoedge.formats import ImageError, bare_dicom_group, check_size
 
 _INSTALL = "reading DICOM needs pydicom: pip install 'pneumoedge[dicom]'"
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
@@ -76,32 +76,12 @@ def sniff_dicom(head: bytes) -> str:
     """
     if head[128:132] == b"DICM":
         return "dicomdir" if _meta_sop_class(head, 132) == _DICOMDIR_CLASS else "dicom"
-    group = _bare_first_group(head)
+    group = bare_dicom_group(head)
     if group == 0x0004:
         return "dicomdir"
     if group == 0x0002:
         return "dicomdir" if _meta_sop_class(head, 0) == _DICOMDIR_CLASS else "dicom"
     return "dicom" if group == 0x0008 else ""
-
-
-def _bare_first_group(head: bytes) -> int:
-    """The group of a bare data set's first element (-1 when it does not look like one).
-
-    Little endian, explicit or implicit VR; or big endian, which is always explicit VR. An
-    element number under 0x0100 and a VR of two upper-case letters (or, implicit, a small
-    length) rule out most other content.
-    """
-    if len(head) < 8:
-        return -1
-    explicit = head[4:6].isalpha() and head[4:6].isupper()
-    little_group, little_element = struct.unpack_from("<HH", head)
-    if little_group in (0x0002, 0x0004, 0x0008) and little_element < 0x0100:
-        if explicit or struct.unpack_from("<I", head, 4)[0] < 1024:
-            return little_group
-    big_group, big_element = struct.unpack_from(">HH", head)
-    if big_group in (0x0002, 0x0004, 0x0008) and big_element < 0x0100 and explicit:
-        return big_group
-    return -1
 
 
 def _meta_sop_class(head: bytes, at: int) -> str:

@@ -109,11 +109,30 @@ def check_size(width: int, height: int, max_pixels: int, what: str) -> None:
         )
 
 
-def _looks_like_bare_dicom(data: bytes) -> bool:
-    # DICOM without the 128-byte preamble and "DICM" (little or big endian): pneumoedge.dicom's sniff.
-    from pneumoedge.dicom import sniff_dicom
+def bare_dicom_group(head: bytes) -> int:
+    """The group (0002, 0004 or 0008) of a bare DICOM data set's first element, or -1 when `head` does not look like one.
 
-    return sniff_dicom(data[:1024]) != ""
+    A bare data set has no 128-byte preamble and no "DICM" (old PACS exports).
+
+    Little endian, explicit or implicit VR; or big endian, which is always explicit VR. An
+    element number under 0x0100 and a VR of two upper-case letters (or, implicit, a small
+    length) rule out most other content.
+    """
+    if len(head) < 8:
+        return -1
+    explicit = head[4:6].isalpha() and head[4:6].isupper()
+    little_group, little_element = struct.unpack_from("<HH", head)
+    if little_group in (0x0002, 0x0004, 0x0008) and little_element < 0x0100:
+        if explicit or struct.unpack_from("<I", head, 4)[0] < 1024:
+            return little_group
+    big_group, big_element = struct.unpack_from(">HH", head)
+    if big_group in (0x0002, 0x0004, 0x0008) and big_element < 0x0100 and explicit:
+        return big_group
+    return -1
+
+
+def _looks_like_bare_dicom(data: bytes) -> bool:
+    return bare_dicom_group(data) != -1
 
 
 def _describe_non_image(data: bytes) -> str:

@@ -214,3 +214,16 @@ def uids_of(data: bytes) -> tuple[str, str, str]:
 
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) that dciodvfy (Debian's dicom3tools) reports for a DICOM file: its "Error -" / "Warning -" lines.
+
+    Skips the calling test when dciodvfy is missing, or fails it under PNEUMOEDGE_REQUIRE_SYSTEM_TOOLS=1.
+    """
+    from tests.system_tools import require_program
+
+    program = require_program("dciodvfy", install_hint="apt-get install -y dicom3tools")
+    run = subprocess.run([program, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    return [l for l in lines if l.startswith("Error -")], [l for l in lines if l.startswith("Warning -")]

@@ -60,6 +60,10 @@ def test_run_bench_figures_are_consistent(bundle_dir: Path, image_folder: Path) 
         _check_stats(ensemble[key], 7)
     assert sum(ensemble["split"].values()) == pytest.approx(1.0)
     assert ensemble["throughput"]["images"] == ensemble["throughput"]["ok"] == 10
+    stages = ensemble["stages_ms"]
+    assert list(stages) == ["decode", "preprocess", "model", "ood", "heatmap", "overlay", "row"]
+    assert stages["decode"] == ensemble["decode_ms"]["p50"] and stages["model"] == ensemble["model_only_ms"]["p50"]
+    assert stages["row"] > 0 and stages["ood"] is None and stages["heatmap"] is None  # this model has neither
     assert report["memory"]["peak_rss_mb"] > 0
     json.dumps(report)  # serialisable as is
 
@@ -180,5 +184,10 @@ def test_explain_mode_figures_beside_the_plain_ones(image_folder: Path, tmp_path
     expected = explain["end_to_end_ms"]["p50"] / report["ensemble"]["end_to_end_ms"]["p50"]
     assert explain["end_to_end_ratio"] == pytest.approx(expected, rel=1e-6)
     assert explain["overlay_side"] == 768
+    stages = report["ensemble"]["stages_ms"]
+    assert stages["overlay"] == explain["overlay_ms"]["p50"] and stages["heatmap"] >= 0
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "m.onnx"), "--images", str(image_folder), "--runs", "2", "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    assert "per image, by stage" in result.output and "heatmap (explain only)" in result.output
     plain = run_bench(map_model(tmp_path / "p.onnx", SPEC_GRAY, heatmaps=False), images, settings)
     assert plain["ensemble"]["explain"] is None

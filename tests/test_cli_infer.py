@@ -156,3 +156,14 @@ def test_info_on_tampered_bundle_fails_clearly(bundle_dir: Path) -> None:
     (bundle_dir / "gray.fp32.onnx").write_bytes(b"swapped")
     result = runner.invoke(app, ["info", str(bundle_dir)])
     assert result.exit_code == 2 and "checksum mismatch" in result.output
+
+
+def test_a_verb_whose_module_is_missing_fails_loudly(monkeypatch) -> None:
+    """A typo in a verb's module name is an error, never a verb that silently vanishes from the CLI."""
+    from pneumoedge import cli
+
+    monkeypatch.setitem(cli.VERBS, "frobnicate", "no_such_verb_module")
+    cli.verb_command.cache_clear()
+    with pytest.raises(ModuleNotFoundError, match="no_such_verb_module"):
+        cli.verb_command("frobnicate")
+    assert cli.verb_command("info").name == "info"

@@ -30,7 +30,7 @@ from pneumoedge.pacs.ledger import read_rows  # noqa: E402
 from pneumoedge.pacs.node import Node, NodeConfig  # noqa: E402
 from pneumoedge.pacs.send import Destination  # noqa: E402
 from pneumoedge.runtime.loading import load  # noqa: E402
-from tests.orthanc_helpers import HOST, Orthanc, chest_instance, free_port, uids_of  # noqa: E402
+from tests.orthanc_helpers import HOST, Orthanc, chest_instance, dciodvfy, free_port, uids_of  # noqa: E402
 from tests.system_tools import require_program  # noqa: E402
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -133,6 +133,13 @@ def test_dx_and_cr_pushed_from_orthanc_get_rows_and_srs_in_their_study(orthanc: 
             wait_for(lambda: objects(orthanc, study, SECONDARY_CAPTURE), what="the overlay SC")
             (sc,) = objects(orthanc, study, SECONDARY_CAPTURE)
             assert sc.StudyInstanceUID == study and sc.PhotometricInterpretation == "RGB"
+            assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == sop
+            # What the PACS holds passes dciodvfy (dicom3tools) with no error, SC and SR alike.
+            for kind, sop_class in (("sc", SECONDARY_CAPTURE), ("sr", COMPREHENSIVE_SR)):
+                stored = tmp_path / f"{modality}-{kind}.dcm"
+                stored.write_bytes(orthanc.instances_of_class(study, sop_class)[0])
+                errors, _ = dciodvfy(stored)
+                assert errors == [], (modality, kind, errors)
         else:
             assert not objects(orthanc, study, SECONDARY_CAPTURE)
     # dcmtk reads the SR as a valid structured report.
@@ -219,7 +226,12 @@ def test_undecodable_jpeg_lossless_in_the_spool_is_an_error_row_that_says_why(or
     Worker(ensemble, spool, ledger, Outbox(tmp_path)).process_available()
     ledger.close()
     (row,) = read_rows(ledger.path)
-    assert row["status"] == "error" and "JPEG Lossless" in row["error"] and "pip install" in row["error"]
+    assert row["status"] == "error" and "JPEG Lossless" in row["error"] and "pip install pylibjpeg pylibjpeg-libjpeg" in row["error"]
+    # The PACS hears back: an SR saying the image was not analysed, in its study.
+    (sr_file,) = Outbox(tmp_path).pending()
+    sr = pydicom.dcmread(sr_file)
+    assert sr.SOPInstanceUID == row["sr"] and sr.StudyInstanceUID == uids_of(data)[0]
+    assert any(report.NOT_ANALYSED in t for t in _text_items(sr)["Finding"])
 
 
 def test_every_offered_compressed_syntax_orthanc_can_write_decodes_to_the_same_result(orthanc: Orthanc, ensemble) -> None:
@@ -258,18 +270,23 @@ def test_same_instance_pushed_twice_gives_one_row_and_one_sr(orthanc: Orthanc, n
     assert len(objects(orthanc, study, COMPREHENSIVE_SR)) == 1
 
 
-def test_allow_refuses_unknown_calling_ae_and_echo_answers(node_factory) -> None:
+def test_allow_refuses_unknown_calling_ae_and_echo_answers(orthanc: Orthanc, node_factory) -> None:
     from pynetdicom import AE
 
-    node, _ = node_factory(allow=["ORTHANC"])
-    for calling, accepted in (("STRANGER", False), ("ORTHANC", True)):
+    node, name = node_factory(allow=[f"ORTHANC@{HOST}"])
+    for calling, called, accepted in (("STRANGER", "PNEUMOEDGE", False), ("ORTHANC", "NOT_US", False), ("ORTHANC", "PNEUMOEDGE", True)):
         ae = AE(ae_title=calling)
         ae.add_requested_context("1.2.840.10008.1.1")
-        assoc = ae.associate(HOST, node.receiver.bound_port, ae_title="PNEUMOEDGE")
-        assert assoc.is_established == accepted, calling
+        assoc = ae.associate(HOST, node.receiver.bound_port, ae_title=called)
+        assert assoc.is_established == accepted, (calling, called)
         if accepted:
             assert assoc.send_c_echo().Status == 0x0000
             assoc.release()
+    # Orthanc itself (calling AE ORTHANC from 127.0.0.1) gets in; known to Orthanc under another called AE title, it does not.
+    assert orthanc.request("POST", f"/modalities/{name}/echo", {})  == {}
+    orthanc.add_modality("PE_WRONG_AET", "NOT_PNEUMOEDGE", node.receiver.bound_port)
+    with pytest.raises(Exception):
+        orthanc.request("POST", "/modalities/PE_WRONG_AET/echo", {})
 
 
 def test_check_echoes_the_destination(orthanc: Orthanc, tmp_path: Path) -> None:

@@ -339,6 +339,9 @@ def test_outbox_replaces_an_older_copy_of_the_same_object(tmp_path: Path) -> Non
         (["listen", "--out", "{tmp}/r", "--format", "xml", "--check"], "--format must be jsonl or csv"),
         (["listen", "--out", "{tmp}/r", "--model", "{tmp}/missing", "--check"], "no such model file"),
         (["listen", "--out", "{tmp}/r", "--host", "127.0.0.1", "--port", "{port}", "--send-to", "NOBODY@127.0.0.1:{port}", "--check"], "cannot connect"),
+        (["listen", "--out", "{tmp}/r", "--host", "0.0.0.0", "--port", "{port}", "--check"], "say who may send with --allow"),
+        (["listen", "--out", "{tmp}/r", "--host", "0.0.0.0", "--allow", "any,ORTHANC", "--check"], "--allow any cannot be combined"),
+        (["listen", "--out", "{tmp}/r", "--allow", "A_TITLE_FAR_TOO_LONG_X", "--check"], "--allow 'A_TITLE_FAR_TOO_LONG_X'"),
         (["send-results", "{tmp}", "--to", "ORTHANC@127.0.0.1:4242"], "not a `pneumoedge listen --out` folder"),
         (["send-results", "{tmp}", "--to", "ORTHANC"], "AET@host:port"),
     ],
@@ -359,6 +362,11 @@ def test_check_without_destination_says_results_stay_in_the_outbox(tmp_path: Pat
     assert ("SRs only" in result.output) == (not load().can_explain)  # said when the model gives no heatmaps
 
 
+def test_listening_beyond_this_computer_with_allow_any_is_accepted(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["listen", "--out", str(tmp_path / "r"), "--host", "0.0.0.0", "--port", str(free_port()), "--allow", "any", "--check"])
+    assert result.exit_code == 0 and "0.0.0.0" in result.output, result.output
+
+
 def test_check_reports_a_busy_port(tmp_path: Path) -> None:
     import socket
 
@@ -369,3 +377,263 @@ def test_check_reports_a_busy_port(tmp_path: Path) -> None:
         result = runner.invoke(app, ["listen", "--out", str(tmp_path / "r"), "--host", "127.0.0.1", "--port", str(port), "--check"])
     assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.output, result.output
     assert os.path.isdir(tmp_path / "r")
+
+
+# -- issue 19: result objects that pass dciodvfy --------------------------------------------------------
+
+
+def _save(dataset, path: Path) -> Path:
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_sr_sc_and_error_sr_pass_dciodvfy_with_orientation_laterality_and_source_from_the_source(ensemble, tmp_path: Path) -> None:
+    from tests.orthanc_helpers import dciodvfy
+
+    source = _header(chest_instance(modality="DX", seed=21))
+    source.PatientOrientation = ["R", "F"]  # an AP film shown as taken: the overlay must say the same
+    source.ImageLaterality = "U"
+    source.IssuerOfPatientID = "CLINIC"
+    source.StudyDescription = "CHEST PA"
+    identity = report.model_identity(ensemble)
+    prediction = ensemble.predict(chest_instance(modality="DX", seed=21))
+    overlay = np.zeros((60, 80, 3), np.uint8)
+    objects = {
+        "sr": report.build_sr(source, prediction, identity),
+        "sc": report.build_sc(source, overlay, identity),
+        "error_sr": report.build_error_sr(source, "cannot decode the compressed DICOM pixel data", identity),
+    }
+    for name, dataset in objects.items():
+        errors, _ = dciodvfy(_save(dataset, tmp_path / f"{name}.dcm"))
+        assert errors == [], (name, errors)
+    sc = pydicom.dcmread(tmp_path / "sc.dcm")
+    assert list(sc.PatientOrientation) == ["R", "F"] and sc.BodyPartExamined == "CHEST"
+    assert (sc.IssuerOfPatientID, sc.StudyDescription) == ("CLINIC", "CHEST PA")
+    (reference,) = sc.SourceImageSequence
+    assert (reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID) == (source.SOPClassUID, source.SOPInstanceUID)
+    # A source that says nothing about orientation or body part: still no dciodvfy error.
+    bare = _header(chest_instance(modality="CR", seed=22))
+    del bare.PatientOrientation, bare.BodyPartExamined
+    errors, _ = dciodvfy(_save(report.build_sc(bare, overlay, identity), tmp_path / "bare_sc.dcm"))
+    assert errors == []
+    error_texts = [t for k, m, t in _content(pydicom.dcmread(tmp_path / "error_sr.dcm")) if k == "TEXT" and m == "Finding"]
+    assert error_texts == [f"{report.NOT_ANALYSED} cannot decode the compressed DICOM pixel data"]
+
+
+def test_burned_in_overlay_text_carries_the_synthetic_model_caveat(ensemble) -> None:
+    import dataclasses
+
+    assert ensemble.can_explain and report.model_identity(ensemble).synthetic
+    prediction = ensemble.predict(chest_instance(seed=23), explain=True)
+    plain = report.overlay_of(prediction)
+    cautioned = report.overlay_of(prediction, report.model_identity(ensemble))
+    caption = prediction.explanation.caption
+    assert report.SYNTHETIC_NOTE not in caption
+    expected = dataclasses.replace(prediction.explanation, caption=(*caption, report.SYNTHETIC_NOTE)).overlay(1024)
+    np.testing.assert_array_equal(cautioned, expected)
+    assert cautioned.shape[0] > plain.shape[0]  # the text band grew by the caveat's line(s)
+
+
+# -- issue 19: the sender ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "code, verdict",
+    [
+        (0x0000, "stored"), (0xB000, "stored"), (0xB007, "stored"), (0x0001, "stored"), (0x0111, "stored"),
+        (0xA700, "transient"), (0xA7FF, "transient"), (0x0110, "transient"), (0x0213, "transient"), (None, "transient"),
+        (0xA900, "permanent"), (0xA9AB, "permanent"), (0xC000, "permanent"), (0xC123, "permanent"),
+        (0x0122, "permanent"), (0x0124, "permanent"), (0x0117, "permanent"),
+    ],
+)
+def test_store_statuses_are_classified_by_their_dicom_class(code, verdict) -> None:
+    from pneumoedge.pacs.send import classify_status
+
+    assert classify_status(code) == verdict
+
+
+class _ChoosyPacs:
+    """A Storage SCP (pynetdicom) answering each SOP Instance UID with the statuses given, then success."""
+
+    def __init__(self, answers: dict) -> None:
+        from pynetdicom import AE, evt
+
+        from pneumoedge.pacs.send import SC_CLASS, SR_CLASSES
+
+        self.answers = {uid: list(codes) for uid, codes in answers.items()}
+        self.stored: list[str] = []
+        ae = AE(ae_title="CHOOSY")
+        for uid in (*SR_CLASSES, SC_CLASS):
+            ae.add_supported_context(uid)
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = self.server.server_address[1]
+
+    def _store(self, event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        codes = self.answers.get(uid, [])
+        if codes:
+            return codes.pop(0)
+        self.stored.append(uid)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_refused_object_moves_aside_and_the_queue_keeps_moving(ensemble, tmp_path: Path) -> None:
+    from pneumoedge.pacs.send import FAILED_LOG, Destination, SendStats
+
+    identity = report.model_identity(ensemble)
+    srs = [report.build_error_sr(_header(chest_instance(seed=40 + i)), "test", identity) for i in range(4)]
+    uids = [str(sr.SOPInstanceUID) for sr in srs]
+    bad_data, busy, hiccup, fine = uids
+    outbox = Outbox(tmp_path, max_attempts=3)
+    for sr in srs:  # the refused one first: it must not hold up the others
+        buffer = io.BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        outbox.put(str(sr.SOPInstanceUID), buffer.getvalue())
+    pacs = _ChoosyPacs({bad_data: [0xA900], busy: [0xA700] * 10, hiccup: [0x0110]})
+    try:
+        destination = Destination("CHOOSY", "127.0.0.1", pacs.port)
+        stats = SendStats()
+        assert outbox.send_pending(destination, "PNEUMOEDGE", stats=stats) is False
+        assert pacs.stored == [fine]
+        assert [key_of(p) for p in outbox.failed_files()] == [bad_data]
+        log = (outbox.failed / FAILED_LOG).read_text()
+        assert bad_data[:20] in log and "0xA900" in log
+        assert {key_of(p) for p in outbox.pending()} == {busy, hiccup}
+        outbox.send_pending(destination, "PNEUMOEDGE", stats=stats)  # the hiccup passes; busy: attempt 2
+        assert pacs.stored == [fine, hiccup] and [key_of(p) for p in outbox.pending()] == [busy]
+        outbox.send_pending(destination, "PNEUMOEDGE", stats=stats)  # busy: attempt 3 of 3, moved aside
+        assert not outbox.pending() and {key_of(p) for p in outbox.failed_files()} == {bad_data, busy}
+        assert "not stored after 3 attempts (last status 0xA700)" in (outbox.failed / FAILED_LOG).read_text()
+        # The PACS fixed: send-results --retry-failed sends both, failed/ empties.
+        pacs.answers = {}
+        result = runner.invoke(app, ["send-results", str(tmp_path), "--to", f"CHOOSY@127.0.0.1:{pacs.port}", "--retry-failed"])
+        assert result.exit_code == 0, result.output
+        assert sorted(pacs.stored) == sorted(uids) and not outbox.failed_files() and len(list(outbox.sent.glob("*.dcm"))) == 4
+    finally:
+        pacs.stop()
+
+
+def test_sent_objects_are_removed_after_the_retention(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    old, new = outbox.sent / "old.dcm", outbox.sent / "new.dcm"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
+    assert outbox.prune_sent(None) == 0 and old.exists()
+    assert outbox.prune_sent(2) == 1 and not old.exists() and new.exists()
+    assert outbox.prune_sent(0) == 1 and not new.exists()
+
+
+# -- issue 19: who may connect, and what is offered ---------------------------------------------------
+
+
+def _associate(port: int, calling: str, called: str = "PNEUMOEDGE", syntaxes=None):
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", syntaxes or ["1.2.840.10008.1.2.1"])
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def test_receiver_refuses_other_called_aet_and_calling_aet_or_address_not_allowed(tmp_path: Path) -> None:
+    from pneumoedge.pacs.receive import Receiver
+
+    receiver = Receiver(Spool(tmp_path / "spool"), aet="PNEUMOEDGE", host="127.0.0.1", port=0, allow=["ORTHANC", "CR_ROOM@127.0.0.1", "FAR@10.255.255.1"])
+    receiver.start()
+    try:
+        port = receiver.bound_port
+        for calling, called, accepted in (
+            ("ORTHANC", "PNEUMOEDGE", True), ("CR_ROOM", "PNEUMOEDGE", True), ("STRANGER", "PNEUMOEDGE", False),
+            ("FAR", "PNEUMOEDGE", False), ("ORTHANC", "SOMEONE_ELSE", False),
+        ):
+            assoc = _associate(port, calling, called)
+            assert assoc.is_established == accepted and assoc.is_rejected == (not accepted), (calling, called)
+            if accepted:
+                assoc.release()
+        assert receiver.refused_associations == 3
+    finally:
+        receiver.stop()
+
+
+def test_only_tested_decoders_are_offered_jpeg_2000_is_refused_at_negotiation(tmp_path: Path) -> None:
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLosslessSV1
+
+    from pneumoedge.pacs.receive import Receiver, decodable_transfer_syntaxes
+
+    offered = decodable_transfer_syntaxes()
+    assert JPEG2000Lossless not in offered and JPEG2000 not in offered and JPEGLosslessSV1 not in offered
+    if get_decoder(JPEG2000Lossless).is_available:  # pydicom would call Pillow enough; it is not (GDCMJ2K_TextGBR.dcm)
+        assert list(get_decoder(JPEG2000Lossless).available_plugins) == ["pillow"]
+    receiver = Receiver(Spool(tmp_path / "spool"), aet="PNEUMOEDGE", host="127.0.0.1", port=0)
+    receiver.start()
+    try:
+        assoc = _associate(receiver.bound_port, "MODALITY", syntaxes=[JPEG2000Lossless, JPEG2000])
+        assert assoc.is_established
+        assert "1.2.840.10008.5.1.4.1.1.1.1" not in {str(c.abstract_syntax) for c in assoc.accepted_contexts}
+        assoc.release()
+    finally:
+        receiver.stop()
+
+
+def test_an_image_that_cannot_be_decoded_gets_an_error_row_and_a_not_analysed_sr(ensemble, tmp_path: Path) -> None:
+    spool, outbox = Spool(tmp_path / "spool"), Outbox(tmp_path)
+    ledger = Ledger(tmp_path / "results.jsonl", "jsonl", ensemble.labels, [m.name for m in ensemble.members])
+    ledger.open()
+    data = chest_instance(modality="DX", seed=24)
+    spool.put(uids_of(data)[2], data[:-500])  # pixel data cut short: the header reads, the image does not
+    Worker(ensemble, spool, ledger, outbox).process_available()
+    ledger.close()
+    (row,) = read_rows(ledger.path)
+    assert row["status"] == "error" and "pixel data" in row["error"] and row["sr"]
+    (sr_file,) = outbox.pending()
+    sr = pydicom.dcmread(sr_file)
+    assert sr.SOPInstanceUID == row["sr"] and sr.StudyInstanceUID == uids_of(data)[0]
+    finding = next(t for k, m, t in _content(sr) if m == "Finding")
+    assert finding.startswith(report.NOT_ANALYSED) and "pixel data" in finding
+
+
+def test_listen_log_has_no_pydicom_noise(tmp_path: Path) -> None:
+    """`pneumoedge listen` as a process: pydicom's warnings and tracebacks stay out of its one-line-per-instance log."""
+    import signal
+    import subprocess
+    import sys
+
+    from pynetdicom import AE
+
+    padded = pydicom.dcmread(io.BytesIO(chest_instance(modality="DX", seed=50, size=96)))
+    padded.PixelData = padded.PixelData + b"\x00" * 200  # pydicom warns (logger and warnings) of excess padding
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(chest_instance(modality="DX", seed=51, size=96)[:-400])  # pixel data cut short: an error row
+    out, port, log = tmp_path / "node", free_port(), tmp_path / "listen.log"
+    script = Path(sys.executable).with_name("pneumoedge")
+    with open(log, "wb") as stream:
+        process = subprocess.Popen([str(script), "listen", "--out", str(out), "--port", str(port)], stderr=stream, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while b"listening as" not in log.read_bytes():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOEDGE")
+        assert assoc.is_established
+        assert assoc.send_c_store(padded).Status == 0 and assoc.send_c_store(cut).Status == 0
+        assoc.release()
+        results = out / "results.jsonl"
+        while not results.exists() or len(read_rows(results)) < 2:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    rows = {r["status"]: r for r in read_rows(out / "results.jsonl")}
+    assert set(rows) == {"ok", "error"} and rows["error"]["sr"]
+    text = log.read_text()
+    noise = ("pydicom:", "pydicom.", "Traceback", "UserWarning", "excess padding", "WARNING pydicom")
+    assert not [n for n in noise if n in text], text
+    assert text.count(" ok sop=") == 1 and text.count(" error sop=") == 1

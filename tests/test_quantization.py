@@ -24,7 +24,9 @@ def test_int8_agreement_structure_and_report(export_base: Path) -> None:
 
     from pneumoedge.bundle import ONNX_METADATA_KEY
     from pneumoedge.export.tensors import image_files, load_tensors
-    from pneumoedge.export.quantization import Tolerance, qdq_node_count, quantize_int8
+    from pneumoedge.export.int8_search import quantize_int8
+    from pneumoedge.export.quantization import qdq_node_count
+    from pneumoedge.int8_tolerance import Tolerance
 
     fp32 = tiny_onnx(export_base)
     run = tiny_run(export_base)
@@ -52,7 +54,8 @@ def test_int8_agreement_structure_and_report(export_base: Path) -> None:
 def test_int8_refuses_or_warns_beyond_tolerance(export_base: Path) -> None:
     pytest.importorskip("tensorflow")
     from pneumoedge.export.errors import QuantizationError
-    from pneumoedge.export.quantization import Tolerance, quantize_int8
+    from pneumoedge.export.int8_search import quantize_int8
+    from pneumoedge.int8_tolerance import Tolerance
 
     fp32 = tiny_onnx(export_base).onnx_path
     impossible = Tolerance(max_prob_diff=0.0, min_agreement=1.0)
@@ -66,7 +69,8 @@ def test_int8_refuses_or_warns_beyond_tolerance(export_base: Path) -> None:
 
 def test_recipe_registry_and_unknown_recipe(export_base: Path) -> None:
     from pneumoedge.export.errors import QuantizationError
-    from pneumoedge.export.quantization import DEFAULT_RECIPE, RECIPES, quantize_int8
+    from pneumoedge.export.int8_search import quantize_int8
+    from pneumoedge.export.quantization import DEFAULT_RECIPE, RECIPES
 
     assert DEFAULT_RECIPE in RECIPES
     pairs = {(r.activation_type, r.weight_type) for r in RECIPES.values()}
@@ -84,7 +88,8 @@ def test_qoperator_recipe_and_fair_timing(export_base: Path, tmp_path: Path) -> 
 
     from pneumoedge.bundle import card_from_metadata
     from pneumoedge.export.onnx_run import onnx_session
-    from pneumoedge.export.quantization import RECIPES, preprocess_for_quantization, quantize_with, time_models
+    from pneumoedge.export.int8_search import time_models
+    from pneumoedge.export.quantization import RECIPES, preprocess_for_quantization, quantize_with
 
     fp32 = tiny_onnx(export_base).onnx_path
     calib = _calibration(export_base)
@@ -98,18 +103,63 @@ def test_qoperator_recipe_and_fair_timing(export_base: Path, tmp_path: Path) -> 
     assert len(times) == 2 and all(t > 0 and np.isfinite(t) for t in times)
 
 
-def test_search_grows_the_fp32_set_in_sensitivity_order_then_bisects(export_base: Path) -> None:
-    pytest.importorskip("tensorflow")
-    from pneumoedge.export.quantization import Tolerance, quantize_int8
+def _strict_search(base: Path, out: str, **options):
+    from pneumoedge.export.int8_search import quantize_int8
+    from pneumoedge.export.quantization import SearchBudget
+    from pneumoedge.int8_tolerance import Tolerance
 
-    fp32 = tiny_onnx(export_base).onnx_path
     strict = Tolerance(max_prob_diff=2e-5, min_agreement=1.0)  # no plain recipe holds this on the tiny model
-    result = quantize_int8(fp32, export_base / "grown.onnx", _calibration(export_base), tolerance=strict, budget_s=300, on_fail="warn")
-    counts = [point["fp32_nodes"] for point in result.curve]
-    assert counts == sorted(set(counts)) and counts[0] == 1, counts
-    passing = [point["fp32_nodes"] for point in result.curve if point["meets"]]
+    budget = options.pop("budget", SearchBudget(trials=16, rank_trials=6, rank_images=8, max_fp32_nodes=6))
+    return quantize_int8(tiny_onnx(base).onnx_path, base / out, _calibration(base)[:16], tolerance=strict, budget=budget, on_fail="warn", **options)
+
+
+def _decisions(result) -> dict:
+    """What the search decided, without the timing figures."""
+    return {
+        "chosen": (result.chosen.recipe.to_dict(), result.chosen.fp32_nodes),
+        "tried": [(c.recipe.name, c.recipe.exclude, c.max_prob_diff, c.agreement, c.meets) for c in result.tried],
+        "curve": [(p["fp32_nodes"], p["nodes"], p["max_prob_diff"], p["meets"]) for p in result.curve],
+        "ranking": result.ranking,
+        "trials": result.trials,
+    }
+
+
+def test_search_ranks_nodes_by_effect_and_grows_the_fp32_set(export_base: Path) -> None:
+    pytest.importorskip("tensorflow")
+    result = _strict_search(export_base, "grown.onnx")
+    assert result.trials <= 16 and len(result.tried) + min(6, result.trials) >= result.trials
+    ranked = [r["node"] for r in result.ranking]
+    assert ranked and len(ranked) == len(set(ranked)), "every quantizable node ranked once"
+    effects = [r["effect"] for r in result.ranking]
+    assert effects == sorted(effects, reverse=True) and max(effects) > 0
+    counts = [p["fp32_nodes"] for p in result.curve]
+    assert counts == sorted(set(counts)) and counts[0] == 0 and counts[1] == 1, counts
+    for point in result.curve:  # the fp32 set is always the top of the effect ranking
+        assert point["nodes"] == ranked[: point["fp32_nodes"]]
+    passing = [p["fp32_nodes"] for p in result.curve if p["meets"]]
     if passing:  # the fewest nodes that meet it: every smaller count tried failed
-        assert all(not point["meets"] for point in result.curve if point["fp32_nodes"] < min(passing))
+        assert all(not p["meets"] for p in result.curve if p["fp32_nodes"] < min(passing))
         assert result.ok and result.chosen.meets
-    assert all(point["latency_ms"] > 0 for point in result.curve)
-    assert result.to_dict()["curve"] == result.curve
+    assert all(p["latency_ms"] > 0 for p in result.curve)
+    assert result.to_dict()["curve"] == result.curve and result.to_dict()["budget"]["trials"] == 16
+
+
+def test_search_is_the_same_on_a_slow_machine_and_a_cap_stops_it_loudly(export_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is work, not seconds: a clock that races (a loaded machine) changes nothing, bytes included."""
+    pytest.importorskip("tensorflow")
+    import itertools
+
+    from pneumoedge.export import int8_search
+
+    quiet = _strict_search(export_base, "quiet.onnx")
+    ticks = itertools.count()
+    monkeypatch.setattr(int8_search, "_clock", lambda: 1000.0 * next(ticks))  # every look at the clock: 1000 s later
+    busy = _strict_search(export_base, "busy.onnx")
+    assert _decisions(busy) == _decisions(quiet)
+    assert (export_base / "busy.onnx").read_bytes() == (export_base / "quiet.onnx").read_bytes()
+    assert not any("stopped early" in w for w in busy.warnings)
+
+    capped = _strict_search(export_base, "capped.onnx", budget_s=1500.0)  # the optional cap: allowed, never silent
+    assert capped.trials < quiet.trials
+    assert any("wall-clock cap of 1500 s" in w and "depends on the machine" in w for w in capped.warnings)
+    assert capped.to_dict()["budget"]["time_limit_s"] == 1500.0

@@ -115,6 +115,25 @@ def test_untuned_rule_needs_a_passed_int8_and_vnni(tmp_path: Path, monkeypatch, 
     assert ensemble.configuration.threads == 1  # a small model: one run per core
 
 
+@pytest.mark.parametrize(
+    "cpu, machine, latency, expected",
+    [
+        (AVX2, AVX2.to_dict(), {"fp32": 30.0, "int8": 23.0}, "int8"),  # measured faster on a CPU like this one
+        (AVX2, AVX2.to_dict(), {"fp32": 30.0, "int8": 29.5}, "fp32"),  # within the margin
+        (VNNI, VNNI.to_dict(), {"fp32": 30.0, "int8": 33.0}, "fp32"),  # VNNI, yet measured slower here
+        (VNNI, AVX2.to_dict(), {"fp32": 30.0, "int8": 33.0}, "int8"),  # timed elsewhere: the flags decide
+        (AVX2, None, {"fp32": 30.0, "int8": 23.0}, "fp32"),  # no machine recorded: the flags decide
+    ],
+)
+def test_untuned_rule_trusts_the_exports_timing_on_a_similar_cpu(tmp_path: Path, cpu, machine, latency, expected) -> None:
+    provenance = {"members": {"m": {"int8": {"meets_tolerance": True, "latency_ms": latency}}}}
+    if machine is not None:
+        provenance["machine"] = machine
+    config = tuning.rule(read_manifest(two_precision_bundle(tmp_path, provenance=provenance)), cpu)
+    assert config.precision == expected
+    assert ("export timed" in config.reason) == (machine is not None and machine["simd"] == list(cpu.flags))
+
+
 def test_big_models_run_on_all_cores(tmp_path: Path) -> None:
     manifest = read_manifest(two_precision_bundle(tmp_path))
     small = tuning.rule(manifest, AVX2)

@@ -15,7 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pneumoedge.bundle import MemberSource, read_manifest, write_bundle
+from pneumoedge.bundle import BundleError, MemberSource, read_manifest, sha256_file, write_bundle
 from pneumoedge.commands import infer as infer_verb
 from pneumoedge.commands import validate as validate_verb
 from pneumoedge.datasets.phantoms import generate_dataset
@@ -140,6 +140,9 @@ def test_site_threshold_changes_labels_exactly_and_leaves_the_bundle(phantom_spl
     assert again.report["threshold"] == 0.9 and "site file" in again.report["threshold_source"]
     shown = again.report["gallery"]["shown"]
     assert shown and shown[0]["kind"] == "false negative" and (tmp_path / "again" / shown[0]["overlay"]).is_file()
+    # overwritten without a site threshold: the earlier site.json and heatmaps do not linger beside the new report
+    validate(bundle_copy, phantom_split, tmp_path / "r", threads=1, overwrite=True, gallery=0)
+    assert not (tmp_path / "r" / "site.json").exists() and not list((tmp_path / "r").glob("gallery/*.png"))
 
 
 def test_site_file_of_another_bundle_is_refused(phantom_split: Path, bundle_copy: Path, tmp_path: Path) -> None:
@@ -219,3 +222,37 @@ def test_multiclass_bundle_gets_per_class_numbers(tmp_path: Path) -> None:
 def test_kaggle_root_means_its_test_split(phantom_split: Path, bundle_copy: Path, tmp_path: Path) -> None:
     report = validate(bundle_copy, phantom_split.parent, tmp_path / "r", threads=1, gallery=0).report
     assert report["n"] == 12 and report["data"]["labelled_folder"] == str(phantom_split)
+
+
+def test_a_bare_onnx_file_is_validated_but_takes_no_site_threshold(phantom_split: Path, bundle_copy: Path, tmp_path: Path) -> None:
+    member = bundle_copy / "cnn3_gray150.fp32.onnx"
+    report = validate(member, phantom_split, tmp_path / "r", threads=1, gallery=0).report
+    assert report["n"] == 12 and report["bundle"]["sha256"] == sha256_file(member) and report["threshold_source"].startswith("model: ")
+    with pytest.raises(BundleError, match="belongs to a bundle folder"):
+        validate(member, phantom_split, tmp_path / "r2", site_threshold="youden")
+
+
+_CLINIC = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    # the clinic install: no TensorFlow, no Keras, no tf2onnx, no matplotlib
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "matplotlib"):
+            raise ImportError(f"{name} is not installed in the clinic install")
+sys.meta_path.insert(0, Absent())
+from pneumoedge.cli import app
+sys.argv = ["pneumoedge", "validate", *sys.argv[1:]]
+app()
+"""
+
+
+def test_runs_as_in_the_clinic_install_without_tensorflow_or_matplotlib(phantom_split: Path, bundle_copy: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    out = tmp_path / "r"
+    done = subprocess.run([sys.executable, "-c", _CLINIC, str(bundle_copy), str(phantom_split), "--out", str(out), "--threads", "1",
+                           "--site-threshold", "sensitivity:0.9"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr  # written; the truncated JPEG is counted as unreadable
+    assert "Traceback" not in done.stderr and "pneumoedge[report]" in done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 12 and report["plots"] == [] and (out / "site.json").is_file()

@@ -26,6 +26,7 @@ from pneumoedge.runtime.folder import RunSummary, run_folder
 from pneumoedge.runtime.results import FORMATS, OutputError, ResultWriter
 
 
+# Long only in its signature: that is the verb's option table (typer reads it); the body is short.
 def infer(
     inputs: Annotated[List[Path], typer.Argument(help="Image files and/or folders (searched recursively).", show_default=False)],
     model: Models = None,
@@ -104,7 +105,7 @@ def infer(
                 heatmaps=heatmaps,
                 overlay_side=overlay_size,
             )
-    _print_summary(summary, ensemble.threshold, getattr(ensemble, "configuration", None))
+    _print_summary(summary, ensemble.threshold, ensemble.configuration)
     if heatmaps is not None:
         sources = "; ".join(f"{name}: {how}" for name, how in ensemble.map_sources().items())
         stderr.print(f"heatmaps: {summary.overlays} overlays in {heatmaps} ({sources})", highlight=False, soft_wrap=True)

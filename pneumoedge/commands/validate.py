@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from typing_extensions import Annotated
 
@@ -16,6 +17,7 @@ from pneumoedge.site import SiteError
 from pneumoedge.thresholds import ThresholdError
 from pneumoedge.validation.data import DataError
 from pneumoedge.validation.metrics import MetricsError
+from pneumoedge.validation.plots import INSTALL_HINT
 
 
 def validate_command(
@@ -53,7 +55,7 @@ def validate_command(
                     bundle, data, out, device=device.lower(), precision=precision, threads="auto" if threads is None else threads,
                     batch_size=batch, workers=workers, prevalence=prevalence, width=width, site=site, site_threshold=site_threshold,
                     gallery=gallery, overwrite=overwrite, progress=on_row,
-                    note=lambda text: stderr.print(text, highlight=False, soft_wrap=True),
+                    note=lambda text: stderr.print(escape(text), highlight=False, soft_wrap=True),
                 )
         except (DataError, ThresholdError, SiteError, MetricsError) as exc:
             raise UserError(str(exc)) from None
@@ -70,32 +72,33 @@ def _ci(estimate: dict[str, Any]) -> str:
 
 
 def _print(report: dict[str, Any], files: dict[str, str]) -> None:
-    table = Table(title=f"pneumoedge validate: {report['bundle']['name']}", show_header=False, title_justify="left")
+    table = Table(title=f"pneumoedge validate: {escape(report['bundle']['name'])}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     data, ood = report["data"], report["ood"]
-    table.add_row("images", f"{report['n']} classified ({', '.join(f'{k} {v}' for k, v in report['per_label'].items())}); "
+    table.add_row("images", f"{report['n']} classified ({escape(', '.join(f'{k} {v}' for k, v in report['per_label'].items()))}); "
                   f"{data['unreadable']} unreadable, {data['skipped']} skipped")
     if ood["available"]:
         table.add_row("out of distribution", f"{ood['flagged']} ({ood['rate'] * 100 if ood['rate'] is not None else 0:.1f} %)")
     if report["threshold"] is not None:
-        table.add_row("threshold", f"{report['threshold']:.4f} ({report['threshold_source']})")
+        table.add_row("threshold", f"{report['threshold']:.4f} ({escape(report['threshold_source'])})")
         table.add_row("sensitivity (95 % CI)", _ci(report["sensitivity"]))
         table.add_row("specificity (95 % CI)", _ci(report["specificity"]))
         table.add_row("ROC AUC (DeLong 95 % CI)", _ci(report["roc_auc"]))
     else:
         for label, numbers in report["subsets"]["all"]["per_class"].items():
-            table.add_row(f"{label} sens/spec/AUC", f"{_ci(numbers['sensitivity'])} / {_ci(numbers['specificity'])} / {_ci(numbers['roc_auc'])}")
+            table.add_row(f"{escape(label)} sens/spec/AUC", f"{_ci(numbers['sensitivity'])} / {_ci(numbers['specificity'])} / {_ci(numbers['roc_auc'])}")
     if report["calibration"]["ece"] is not None:
         table.add_row("calibration", f"ECE {report['calibration']['ece']:.3f}, Brier {report['calibration']['brier']:.3f}")
     if "site_threshold" in report:
-        table.add_row("site threshold", f"{report['site_threshold']['threshold']:.4f} -> {files['site.json']}")
-    table.add_row("report", files["report.html"])
+        table.add_row("site threshold", f"{report['site_threshold']['threshold']:.4f} -> {escape(files['site.json'])}")
+    table.add_row("report", escape(files["report.html"]))
     stderr.print(table)
     if not report["plots"]:
-        stderr.print('[yellow]no plots:[/] matplotlib is not installed (pip install "pneumoedge[report]"); every number is in the report')
+        stderr.print(f"[yellow]no plots:[/] matplotlib is not installed ({escape(INSTALL_HINT)}); every number is in the report",
+                     highlight=False, soft_wrap=True)
     for limit in report["limits"][:2]:
-        stderr.print(f"[dim]{limit}[/]", highlight=False, soft_wrap=True)
+        stderr.print(f"[dim]{escape(limit)}[/]", highlight=False, soft_wrap=True)
     stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
 
 

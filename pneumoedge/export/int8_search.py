@@ -1,23 +1,26 @@
-"""The int8 search: candidates checked against fp32, sensitive nodes kept in fp32, timed side by side.
+"""The int8 search: candidates checked against fp32, the nodes that move the output kept in fp32.
 
 `quantize_int8` quantizes with the first recipe and compares it with the fp32 model on images:
 largest probability difference, label agreement, and with labelled data the accuracy/AUC
-change. All candidates and fp32 are then timed side by side with onnxruntime on this CPU
-(interleaved rounds, see `time_models`), so the choice of the fastest is fair on a shared
-machine.
+change. Beside the first recipe it always tries a few others (`BASE_RECIPES`: the fast
+QOperator/reduce-range ones measured on AVX2, u8u8, symmetric s8s8). When none meets the
+tolerance, it keeps in fp32 the nodes whose quantization moves the OUTPUT most:
 
-int8 is not free accuracy. On x86 without VNNI, u8s8 kernels can saturate (VPMADDUBSW) and a
-larger CNN can disagree with fp32 on many labels. Nor is it free speed: for CNNs this small
-the int8 kernels' quantize/requantize overhead can outweigh the cheaper arithmetic. Beside the
-first recipe the search always tries `SPEED_RECIPES`; when none meets the tolerance it tries
-the other type pairs, reduce_range, other calibration methods, and
-finally keeps the most quantization-sensitive nodes in fp32: every quantized node is ranked by
-the quantization error of its tensors (onnxruntime's `qdq_loss_debug`, on the closest QDQ
-recipe), then the fp32 set grows in that order (1, 2, 4, ... nodes) until the tolerance holds,
-and a bisection finds the fewest nodes that still meet it, within a time budget; the same
-nodes are then tried on the speed recipes, and the FASTEST candidate that meets the tolerance
-is kept. Every candidate tried is reported, and the search's trade-off curve (nodes in fp32
-vs largest probability difference, agreement and latency) is in `QuantizationResult.curve`.
+1. ranking by effect: only a group of nodes is quantized, everything else stays fp32, and the
+   largest change of the output probabilities on the first `rank_images` images is that
+   group's effect; groups of consecutive nodes are split where the effect is largest (group
+   testing), so a few dozen trials find the decisive nodes among hundreds. A tensor's own
+   quantization error (SQNR) was a poor guide: on a real Xception and a MobileNetV2 the decisive
+   node ranked last by it (issue 18).
+2. the fp32 set grows in that order (1, 2, 3, 4, 6, 8, 12, 16 nodes), each checked on all images,
+   until the tolerance holds; then a bisection, then the same nodes on the other base recipes.
+
+The work is counted (`SearchBudget`: trials and images), never seconds, so an export gives the
+same int8 file on a quiet and on a busy machine; an optional wall-clock cap stops it early with
+a warning that says so. The candidate kept is decided without timing, by a fixed preference:
+fewest nodes in fp32, then the order of the recipes tried (the user's first recipe first). The
+candidates are timed side by side for the report (`time_models`), and a slower-than-fp32 result
+is a warning, or a refusal when `max_latency_ratio` is given.
 """
 
 from __future__ import annotations
@@ -26,33 +29,43 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from pneumoedge.bundle import apply_activation, card_from_metadata
+from pneumoedge.bundle import ModelCard, apply_activation, card_from_metadata
 from pneumoedge.export.errors import QuantizationError
 from pneumoedge.export.onnx_run import onnx_session, run_onnx
 from pneumoedge.export.quantization import (
     CALIBRATION_METHODS,
     DEFAULT_RECIPE,
-    OPS_TO_QUANTIZE,
     RECIPES,
     SPEED_RECIPES,
     Candidate,
     QuantizationResult,
     Recipe,
-    Tolerance,
-    _calibration_reader,
+    SearchBudget,
     preprocess_for_quantization,
     qdq_node_count,
+    quantizable_nodes,
     quantize_with,
 )
+from pneumoedge.int8_tolerance import Tolerance
 from pneumoedge.validation.metrics import class_probabilities, classification_metrics
 
 log = logging.getLogger(__name__)
+
+#: Tried beside the first recipe before any node is kept in fp32 (in this order).
+BASE_RECIPES = (*SPEED_RECIPES, "u8u8", "s8s8_symmetric")
+#: Sizes of the fp32 set tried while it grows (then bisected, and capped by the budget).
+GROWTH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+#: Groups of consecutive nodes the effect ranking starts from.
+FIRST_GROUPS = 8
+
+#: The search's clock: only the optional wall-clock cap reads it (a test swaps in a slow one).
+_clock: Callable[[], float] = time.perf_counter
 
 
 def time_models(
@@ -106,43 +119,91 @@ def _decide(probs: np.ndarray, threshold: Optional[float]) -> np.ndarray:
     return probs.argmax(axis=1)
 
 
-def sensitive_nodes(pre_path: Path, int8_path: Path, tensors: np.ndarray, limit: int) -> list[str]:
-    """Nodes around the activations that quantization hurts most (lowest QDQ SQNR), most hurt first.
+@dataclass
+class _Search:
+    """One search's state: the model prepared for quantization, the fp32 reference, the work counted."""
 
-    Uses onnxruntime.quantization.qdq_loss_debug: both models are augmented to output their
-    intermediate tensors, run on the same images, and each activation's signal-to-quantization-
-    noise ratio is computed; the producer and consumers of the worst tensors are returned.
-    """
-    import onnx
-    from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations,
-        compute_activation_error,
-        create_activation_matching,
-        modify_model_output_intermediate_tensors,
-    )
+    pre: Path
+    work: Path
+    card: ModelCard
+    calibration: np.ndarray
+    tensors: np.ndarray
+    p_fp32: np.ndarray
+    threshold: Optional[float]
+    tolerance: Tolerance
+    budget: SearchBudget
+    y_true: Optional[np.ndarray] = None
+    deadline: Optional[float] = None
+    tried: list[Candidate] = field(default_factory=list)
+    rank_trials: int = 0
+    stopped: Optional[str] = None
 
-    name = onnx_session(pre_path).get_inputs()[0].name
-    with tempfile.TemporaryDirectory(prefix="pneumoedge-qdq-debug-") as tmp:
-        aug_float = Path(tmp) / "float_aug.onnx"
-        aug_qdq = Path(tmp) / "qdq_aug.onnx"
-        modify_model_output_intermediate_tensors(str(pre_path), str(aug_float))
-        modify_model_output_intermediate_tensors(str(int8_path), str(aug_qdq))
-        sample = tensors[: min(len(tensors), 16)]
-        float_acts = collect_activations(str(aug_float), _calibration_reader(sample, name))
-        qdq_acts = collect_activations(str(aug_qdq), _calibration_reader(sample, name))
-    errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
-    ranked = sorted(
-        (value.get("qdq_err", np.inf), tensor) for tensor, value in errors.items() if np.isfinite(value.get("qdq_err", np.inf))
-    )
-    graph = onnx.load(str(pre_path)).graph
-    nodes: list[str] = []
-    for _, tensor in ranked:
-        for node in graph.node:
-            if (tensor in node.output or tensor in node.input) and node.name and node.name not in nodes and node.op_type in OPS_TO_QUANTIZE:
-                nodes.append(node.name)
-        if len(nodes) >= limit:
-            break
-    return nodes[:limit]
+    @property
+    def trials(self) -> int:
+        return len(self.tried) + self.rank_trials
+
+    def may_try(self, ranking: bool = False) -> bool:
+        """Whether the budget allows one more trial (and, once not, why: kept in `stopped`)."""
+        if self.trials >= self.budget.trials:
+            self.stopped = self.stopped or f"the search budget of {self.budget.trials} trials was used"
+            return False
+        if ranking and self.rank_trials >= self.budget.rank_trials:
+            return False
+        if self.deadline is not None and _clock() >= self.deadline:
+            self.stopped = (
+                f"the wall-clock cap of {self.budget.time_limit_s:g} s stopped the search after {self.trials} trials: "
+                "this result depends on the machine's speed and load (leave the cap out for a reproducible export)"
+            )
+            return False
+        return True
+
+    def _quantize(self, recipe: Recipe, path: Path) -> None:
+        quantize_with(recipe, self.pre, path, self.calibration, self.card, cache=self.work)
+
+    def attempt(self, recipe: Recipe, fp32_nodes: int = 0) -> Candidate:
+        """Quantize with `recipe` and check it on all images (one trial)."""
+        path = self.work / f"candidate_{len(self.tried):03d}.onnx"  # node names may hold '/'; never in a file name
+        log.info("int8: trying %s", recipe.name)
+        try:
+            self._quantize(recipe, path)
+            p_int8 = _probabilities(path, self.tensors, self.card.activation)
+        except Exception as exc:  # a recipe onnxruntime cannot build or run is reported, not fatal
+            candidate = Candidate(recipe, np.inf, np.inf, 0.0, np.nan, 0, 0, False, fp32_nodes=fp32_nodes, error=f"{type(exc).__name__}: {exc}")
+            self.tried.append(candidate)
+            return candidate
+        diff = np.abs(p_int8 - self.p_fp32)
+        agreement = float((_decide(p_int8, self.threshold) == _decide(self.p_fp32, self.threshold)).mean())
+        candidate = Candidate(
+            recipe=recipe,
+            max_prob_diff=float(diff.max()),
+            mean_prob_diff=float(diff.mean()),
+            agreement=agreement,
+            latency_ms=np.nan,  # timed later, side by side, for the report only
+            size_bytes=path.stat().st_size,
+            qdq_nodes=qdq_node_count(path),
+            meets=self.tolerance.holds(float(diff.max()), agreement),
+            fp32_nodes=fp32_nodes,
+            path=path,
+        )
+        if self.y_true is not None:
+            m = classification_metrics(self.y_true, p_int8, list(self.card.labels), self.threshold)
+            candidate.accuracy, candidate.roc_auc = m["accuracy"], m["roc_auc"]
+        self.tried.append(candidate)
+        log.info("int8 %s: max diff %.4f, agreement %.3f", recipe.name, candidate.max_prob_diff, agreement)
+        return candidate
+
+    def effect(self, recipe: Recipe) -> float:
+        """Largest output probability change of `recipe` on the first `rank_images` images (one ranking trial)."""
+        self.rank_trials += 1
+        path = self.work / "ranking.onnx"
+        n = max(1, min(len(self.tensors), self.budget.rank_images))
+        try:
+            self._quantize(recipe, path)
+            p = _probabilities(path, self.tensors[:n], self.card.activation)
+        except Exception as exc:  # best effort: an unbuildable group ranks last
+            log.info("int8 ranking trial %s failed: %s", recipe.name, exc)
+            return -1.0
+        return float(np.abs(p - self.p_fp32[:n]).max())
 
 
 def quantize_int8(
@@ -157,7 +218,9 @@ def quantize_int8(
     recipe: Union[str, Recipe] = DEFAULT_RECIPE,
     calibrate_method: Optional[str] = None,
     search: bool = True,
-    budget_s: float = 180.0,
+    budget: SearchBudget = SearchBudget(),
+    budget_s: Optional[float] = None,
+    max_latency_ratio: Optional[float] = None,
     on_fail: str = "refuse",
 ) -> QuantizationResult:
     """Quantize an exported fp32 ONNX model to int8 and check it against fp32.
@@ -172,15 +235,66 @@ def quantize_int8(
         tolerance: what int8 must keep (largest probability difference, label agreement).
         recipe: the first recipe (a name from RECIPES, or a Recipe); `calibrate_method` overrides
             its calibration method.
-        search: when the first recipe misses the tolerance, try the others (and fp32-kept
-            sensitive nodes) and keep the fastest that meets it.
-        budget_s: seconds the fp32-kept-nodes search may take (it stops with the closest so far).
+        search: when the first recipe misses the tolerance, try the others and keep the nodes that
+            move the output most in fp32.
+        budget: the search's work (trials, images, fp32 nodes): the same inputs give the same result.
+        budget_s: an optional wall-clock cap in seconds (overrides `budget.time_limit_s`); when it
+            stops the search the result's warnings say so. None: no cap (reproducible).
+        max_latency_ratio: when given, int8 must also run at most this share of fp32's latency
+            (batch 1, timed side by side here), or it counts as not meeting the tolerance.
         on_fail: "refuse" (raise QuantizationError) or "warn" (keep the closest candidate,
             with a warning in the result) when nothing meets the tolerance.
     """
     started = time.perf_counter()
-    fp32 = Path(fp32_path)
-    out = Path(out_path)
+    first = _first_recipe(recipe, calibrate_method, on_fail)
+    if calibration is None or len(calibration) == 0:
+        raise QuantizationError("int8 needs calibration images (a folder of real images through the model's preprocessing)")
+    if budget_s is not None:
+        budget = replace(budget, time_limit_s=budget_s)
+    fp32, out = Path(fp32_path), Path(out_path)
+    card = card_from_metadata(onnx_session(fp32).get_modelmeta().custom_metadata_map, str(fp32))
+    tensors = calibration if eval_tensors is None else eval_tensors
+    threshold = 0.5 if threshold is None and card.task == "binary" else threshold
+    p_fp32 = _probabilities(fp32, tensors, card.activation)
+    fp32_metrics = classification_metrics(y_true, p_fp32, list(card.labels), threshold) if y_true is not None else None
+
+    with tempfile.TemporaryDirectory(prefix="pneumoedge-int8-") as tmp:
+        work = Path(tmp)
+        state = _Search(
+            pre=preprocess_for_quantization(fp32, work / "pre.onnx"), work=work, card=card, calibration=calibration,
+            tensors=tensors, p_fp32=p_fp32, threshold=threshold, tolerance=tolerance, budget=budget, y_true=y_true,
+            deadline=None if budget.time_limit_s is None else _clock() + budget.time_limit_s,
+        )
+        curve, ranking = _search(state, first, search)
+        fp32_latency = _time_for_report(fp32, state, curve)
+        chosen, warnings = _choose(state, fp32_latency, max_latency_ratio, on_fail)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chosen.path, out)
+        for c in state.tried:
+            c.path = out if c is chosen else None
+    return QuantizationResult(
+        int8_path=out,
+        chosen=chosen,
+        tried=state.tried,
+        fp32_size_bytes=fp32.stat().st_size,
+        fp32_latency_ms=fp32_latency,
+        fp32_accuracy=fp32_metrics["accuracy"] if fp32_metrics else None,
+        fp32_roc_auc=fp32_metrics["roc_auc"] if fp32_metrics else None,
+        images=len(tensors),
+        calibration_images=len(calibration),
+        tolerance=tolerance,
+        seconds=time.perf_counter() - started,
+        warnings=warnings,
+        curve=[{"fp32_nodes": c.fp32_nodes, "nodes": list(c.recipe.exclude), "max_prob_diff": c.max_prob_diff, "agreement": c.agreement,
+                "latency_ms": c.latency_ms if np.isfinite(c.latency_ms) else None, "meets": c.meets} for c in curve],
+        ranking=ranking,
+        budget=budget,
+        trials=state.trials,
+    )
+
+
+def _first_recipe(recipe: Union[str, Recipe], calibrate_method: Optional[str], on_fail: str) -> Recipe:
+    """The user's first recipe, checked (unknown names and methods are user errors)."""
     if on_fail not in ("refuse", "warn"):
         raise QuantizationError(f"on_fail must be 'refuse' or 'warn', got {on_fail!r}")
     first = RECIPES.get(recipe) if isinstance(recipe, str) else recipe
@@ -190,156 +304,153 @@ def quantize_int8(
         if calibrate_method not in CALIBRATION_METHODS:
             raise QuantizationError(f"calibration method must be one of {CALIBRATION_METHODS}, got {calibrate_method!r}")
         first = replace(first, name=f"{first.name}[{calibrate_method}]", calibrate_method=calibrate_method)
-    if calibration is None or len(calibration) == 0:
-        raise QuantizationError("int8 needs calibration images (a folder of real images through the model's preprocessing)")
-    card = card_from_metadata(onnx_session(fp32).get_modelmeta().custom_metadata_map, str(fp32))
-    eval_tensors = calibration if eval_tensors is None else eval_tensors
-    labels = list(card.labels)
-    threshold = 0.5 if threshold is None and card.task == "binary" else threshold
-
-    p_fp32 = _probabilities(fp32, eval_tensors, card.activation)
-    fp32_pred = _decide(p_fp32, threshold)
-    fp32_metrics = classification_metrics(y_true, p_fp32, labels, threshold) if y_true is not None else None
-
-    tried: list[Candidate] = []
-    curve: list[tuple[int, Candidate]] = []
-    with tempfile.TemporaryDirectory(prefix="pneumoedge-int8-") as tmp:
-        work = Path(tmp)
-        pre = preprocess_for_quantization(fp32, work / "pre.onnx")
-
-        def attempt(rec: Recipe) -> Candidate:
-            path = work / f"candidate_{len(tried):02d}.onnx"  # node names may hold '/'; never in a file name
-            log.info("int8: trying recipe %s", rec.name)
-            try:
-                quantize_with(rec, pre, path, calibration, card)
-                p_int8 = _probabilities(path, eval_tensors, card.activation)
-            except Exception as exc:  # a recipe onnxruntime cannot build or run is reported, not fatal
-                candidate = Candidate(rec, np.inf, np.inf, 0.0, np.inf, 0, 0, False, error=f"{type(exc).__name__}: {exc}")
-                tried.append(candidate)
-                return candidate
-            diff = np.abs(p_int8 - p_fp32)
-            agreement = float((_decide(p_int8, threshold) == fp32_pred).mean())
-            candidate = Candidate(
-                recipe=rec,
-                max_prob_diff=float(diff.max()),
-                mean_prob_diff=float(diff.mean()),
-                agreement=agreement,
-                latency_ms=np.nan,  # timed below, all candidates together
-                size_bytes=path.stat().st_size,
-                qdq_nodes=qdq_node_count(path),
-                meets=bool(diff.max() <= tolerance.max_prob_diff and agreement >= tolerance.min_agreement),
-                path=path,
-            )
-            if y_true is not None:
-                m = classification_metrics(y_true, p_int8, labels, threshold)
-                candidate.accuracy, candidate.roc_auc = m["accuracy"], m["roc_auc"]
-            tried.append(candidate)
-            log.info("int8 %s: max diff %.4f, agreement %.3f", rec.name, candidate.max_prob_diff, agreement)
-            return candidate
-
-        attempt(first)
-        if search:
-            for name in SPEED_RECIPES:  # possibly faster: always compared, the fastest passing one wins
-                if name != first.name:
-                    attempt(RECIPES[name])
-        if search and not any(c.meets for c in tried):
-            for rec in RECIPES.values():
-                if rec.name != first.name and rec.name not in SPEED_RECIPES:
-                    attempt(rec)
-            if not any(c.meets for c in tried):
-                # qdq_loss_debug matches QDQ pairs, so the fp32-kept-nodes step builds on a QDQ recipe.
-                qdq = (c for c in tried if c.error is None and c.recipe.quant_format == "qdq")
-                base = min(qdq, key=lambda c: c.max_prob_diff, default=None)
-                if base is not None:
-                    curve = _grow_fp32_set(pre, base, eval_tensors, attempt, started + budget_s)
-        usable = [c for c in tried if c.error is None]
-        latencies = time_models([fp32, *(c.path for c in usable)], eval_tensors)
-        fp32_latency = latencies[0]
-        for c, ms in zip(usable, latencies[1:]):
-            c.latency_ms = ms
-        meeting = [c for c in tried if c.meets]
-        warnings: list[str] = []
-        if meeting:
-            chosen = min(meeting, key=lambda c: c.latency_ms)
-        else:
-            usable = [c for c in tried if c.error is None]
-            chosen = min(usable, key=lambda c: (-c.agreement, c.max_prob_diff)) if usable else None
-            summary = "; ".join(
-                f"{c.recipe.name}: max diff {c.max_prob_diff:.3g}, agreement {c.agreement:.3f}" if c.error is None else f"{c.recipe.name}: {c.error}"
-                for c in tried
-            )
-            message = (
-                f"no int8 recipe meets the tolerance (max prob diff <= {tolerance.max_prob_diff}, "
-                f"agreement >= {tolerance.min_agreement}) on {len(eval_tensors)} images. Tried: {summary}"
-            )
-            if on_fail == "refuse" or chosen is None:
-                raise QuantizationError(message + ". Keep the fp32 model, or loosen the tolerance knowingly.")
-            warnings.append(message)
-        if chosen is not None and chosen.latency_ms > fp32_latency:
-            warnings.append(
-                f"int8 ({chosen.latency_ms:.2f} ms) is not faster than fp32 ({fp32_latency:.2f} ms) on this CPU for this model"
-            )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(chosen.path, out)
-        for c in tried:
-            c.path = out if c is chosen else None
-    return QuantizationResult(
-        int8_path=out,
-        chosen=chosen,
-        tried=tried,
-        fp32_size_bytes=fp32.stat().st_size,
-        fp32_latency_ms=fp32_latency,
-        fp32_accuracy=fp32_metrics["accuracy"] if fp32_metrics else None,
-        fp32_roc_auc=fp32_metrics["roc_auc"] if fp32_metrics else None,
-        images=len(eval_tensors),
-        calibration_images=len(calibration),
-        tolerance=tolerance,
-        seconds=time.perf_counter() - started,
-        warnings=warnings,
-        curve=[{"fp32_nodes": k, "max_prob_diff": c.max_prob_diff, "agreement": c.agreement, "latency_ms": c.latency_ms, "meets": c.meets}
-               for k, c in curve if c.error is None],
-    )
+    return first
 
 
-def _grow_fp32_set(pre: Path, base: Candidate, tensors: np.ndarray, attempt, deadline: float) -> list[tuple[int, Candidate]]:
-    """Keep the most sensitive nodes in fp32, growing the set (1, 2, 4, ...) then bisecting to the fewest that pass.
+def _search(state: _Search, first: Recipe, search: bool) -> tuple[list[Candidate], list[dict[str, Any]]]:
+    """Recipes, then (when none meets) the fp32 set grown by effect, then the remaining recipes.
 
-    Returns the (nodes kept in fp32, candidate) points tried, the trade-off curve.
+    Returns the trade-off curve (the base recipe's candidates by nodes in fp32) and the ranking.
     """
-    try:
-        ranked = sensitive_nodes(pre, base.path, tensors, limit=1_000_000)
-    except Exception as exc:  # the debugging tools are best effort
-        log.warning("qdq_loss_debug failed: %s", exc)
-        return []
-    curve: list[tuple[int, Candidate]] = []
+    state.attempt(first)
+    if not search:
+        return [], []
+    for name in BASE_RECIPES:
+        if name != first.name and not any(c.meets for c in state.tried) and state.may_try():
+            state.attempt(RECIPES[name])
+    curve: list[Candidate] = []
+    ranking: list[dict[str, Any]] = []
+    if not any(c.meets for c in state.tried):
+        qdq = [c for c in state.tried if c.error is None and c.recipe.quant_format == "qdq"]
+        base = min(qdq, key=lambda c: c.max_prob_diff, default=None)  # first of equals: deterministic
+        if base is not None and state.may_try():
+            ranking = rank_by_effect(state, base.recipe)
+            curve = [base, *_grow_fp32_set(state, base.recipe, [r["node"] for r in ranking])]
+    if not any(c.meets for c in state.tried):
+        for rec in RECIPES.values():
+            if rec.name != first.name and rec.name not in BASE_RECIPES and not any(c.meets for c in state.tried) and state.may_try():
+                state.attempt(rec)
+    return sorted(curve, key=lambda c: c.fp32_nodes), ranking
+
+
+def rank_by_effect(state: _Search, base: Recipe) -> list[dict[str, Any]]:
+    """Nodes ranked by how much quantizing them (alone, all else fp32) moves the output, largest first.
+
+    Group testing within `budget.rank_trials`: consecutive nodes start in `FIRST_GROUPS` groups,
+    and the group with the largest effect is split in halves and both measured, until the trials
+    are used or every leading group is one node. A node's effect is its smallest measured group's.
+    """
+    nodes = quantizable_nodes(state.pre)
+    names = [n for n, _ in nodes]
+    op_types = dict(nodes)
+    position = {n: i for i, n in enumerate(names)}
+
+    def measure(group: tuple[str, ...]) -> float:
+        keep = set(group)
+        return state.effect(replace(base, name=f"{base.name}[only {len(group)}]", exclude=tuple(n for n in names if n not in keep)))
+
+    size = max(1, -(-len(names) // FIRST_GROUPS))
+    scored: list[tuple[float, tuple[str, ...]]] = []
+    for start in range(0, len(names), size):
+        if not (state.may_try() and state.may_try(ranking=True)):
+            break
+        group = tuple(names[start : start + size])
+        scored.append((measure(group), group))
+    while True:
+        splittable = [g for g in scored if len(g[1]) > 1]
+        if not splittable or not (state.may_try() and state.may_try(ranking=True)):
+            break
+        worst = max(splittable, key=lambda g: (g[0], -position[g[1][0]]))
+        if worst[0] < max((g[0] for g in scored if len(g[1]) == 1), default=-np.inf):
+            break  # the single nodes found already outrank every group left
+        scored.remove(worst)
+        half = len(worst[1]) // 2
+        for part in (worst[1][:half], worst[1][half:]):
+            scored.append((measure(part) if state.may_try(ranking=True) else worst[0], part))
+    scored.sort(key=lambda g: (-g[0], len(g[1]), position[g[1][0]]))
+    return [{"node": n, "op_type": op_types[n], "position": position[n], "effect": round(effect, 6), "group": len(group)}
+            for effect, group in scored for n in group]
+
+
+def _grow_fp32_set(state: _Search, base: Recipe, ranked: list[str]) -> list[Candidate]:
+    """Keep the top-ranked nodes in fp32, growing the set, then bisecting to the fewest that pass.
+
+    Returns the base recipe's candidates (the trade-off curve); the passing set is then tried on
+    the other base recipes too.
+    """
+    curve: list[Candidate] = []
+    limit = min(len(ranked), state.budget.max_fp32_nodes)
 
     def at(count: int, recipe: Recipe) -> Candidate:
-        nodes = tuple(ranked[:count])
-        candidate = attempt(replace(recipe, name=f"{recipe.name}+fp32[{count} most sensitive]", exclude=nodes))
-        if recipe is base.recipe:
-            curve.append((count, candidate))
+        candidate = state.attempt(replace(recipe, name=f"{recipe.name}+fp32[{count} by effect]", exclude=tuple(ranked[:count])), fp32_nodes=count)
+        if recipe is base:
+            curve.append(candidate)
         return candidate
 
-    failing, passing, count = 0, None, 1
-    while ranked and time.perf_counter() < deadline:
-        if at(count, base.recipe).meets:
+    failing, passing = 0, None
+    for count in [c for c in GROWTH if c < limit] + [limit]:
+        if count <= failing or not state.may_try():
+            break
+        if at(count, base).meets:
             passing = count
             break
         failing = count
-        if count == len(ranked):
-            break
-        count = min(2 * count, len(ranked))
-    while passing is not None and passing - failing > 1 and time.perf_counter() < deadline:
+    while passing is not None and passing - failing > 1 and state.may_try():
         middle = (failing + passing) // 2
-        if at(middle, base.recipe).meets:
+        if at(middle, base).meets:
             passing = middle
         else:
             failing = middle
-    if passing is not None:
-        # The same nodes kept in fp32 on the faster recipes too: the sensitive nodes (typically the
-        # first convolutions) are what breaks them, and the fastest passing candidate wins.
-        for name in SPEED_RECIPES:
-            if name != base.recipe.name and time.perf_counter() < deadline:
+    if passing is not None:  # the same nodes on the other base recipes: perhaps they pass with fewer costs
+        for name in BASE_RECIPES:
+            if RECIPES[name] is not base and state.may_try():
                 at(passing, RECIPES[name])
-    curve.sort(key=lambda point: point[0])
     return curve
+
+
+def _time_for_report(fp32: Path, state: _Search, curve: list[Candidate]) -> float:
+    """Time fp32 and the candidates worth reporting side by side (batch 1); returns fp32's latency.
+
+    Timed: the curve, every candidate that meets the tolerance, and the closest of the others.
+    """
+    usable = [c for c in state.tried if c.error is None]
+    closest = min(usable, key=lambda c: (-c.agreement, c.max_prob_diff), default=None)
+    timed = [c for c in usable if c.meets or c in curve or c is closest]
+    latencies = time_models([fp32, *(c.path for c in timed)], state.tensors, rounds=5, per_round=4)
+    for c, ms in zip(timed, latencies[1:]):
+        c.latency_ms = ms
+    return latencies[0]
+
+
+def _choose(state: _Search, fp32_latency: float, max_latency_ratio: Optional[float], on_fail: str) -> tuple[Candidate, list[str]]:
+    """The candidate kept, decided without timing (fewest fp32 nodes, then the order tried), and warnings."""
+    warnings = [f"int8 search stopped early: {state.stopped}"] if state.stopped and "wall-clock" in state.stopped else []
+    meeting = [c for c in state.tried if c.meets]
+    chosen = min(meeting, key=lambda c: c.fp32_nodes) if meeting else None  # min keeps the first of equals
+    problem = None
+    if chosen is None:
+        summary = "; ".join(
+            f"{c.recipe.name}: max diff {c.max_prob_diff:.3g}, agreement {c.agreement:.3f}" if c.error is None else f"{c.recipe.name}: {c.error}"
+            for c in state.tried
+        )
+        stop = f" ({state.stopped})" if state.stopped else ""
+        problem = (
+            f"no int8 recipe meets the tolerance (max prob diff <= {state.tolerance.max_prob_diff}, "
+            f"agreement >= {state.tolerance.min_agreement}) on {len(state.tensors)} images in {state.trials} trials{stop}. Tried: {summary}"
+        )
+    elif max_latency_ratio is not None and chosen.latency_ms > max_latency_ratio * fp32_latency:
+        problem = (
+            f"int8 meets the accuracy tolerance but runs at {chosen.latency_ms / fp32_latency:.2f}x fp32's latency "
+            f"({chosen.latency_ms:.2f} vs {fp32_latency:.2f} ms, batch 1, this CPU), above the {max_latency_ratio:g}x asked"
+        )
+        chosen.meets = False
+    if problem is not None:
+        usable = [c for c in state.tried if c.error is None]
+        if on_fail == "refuse" or not usable:
+            raise QuantizationError(problem + ". Keep the fp32 model, or loosen the tolerance knowingly.")
+        warnings.append(problem)
+        if chosen is None:
+            chosen = min(usable, key=lambda c: (-c.agreement, c.max_prob_diff))
+    if np.isfinite(chosen.latency_ms) and chosen.latency_ms > fp32_latency:
+        warnings.append(f"int8 ({chosen.latency_ms:.2f} ms) is not faster than fp32 ({fp32_latency:.2f} ms) on this CPU for this model")
+    return chosen, warnings

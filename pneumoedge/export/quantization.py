@@ -1,11 +1,13 @@
 """int8 by onnxruntime static quantization (QDQ or QOperator): the recipes and one quantization.
 
 Steps: `quant_pre_process` (shape inference + graph optimisation), calibration on real images
-through `preprocess` (a `CalibrationDataReader` over a folder), `quantize_static` (QDQ pairs,
-or QOperator QLinearConv graphs for the "qop_" recipes). The comparison with fp32, the recipe
-search and the timing of candidates are in `int8_search` (`quantize_int8` is importable from
-both). The final Sigmoid/Softmax always stays in float: quantizing a probability to 256 steps
-would cost resolution exactly where the threshold lives.
+through `preprocess` (a `CalibrationDataReader`), `quantize_static` (QDQ pairs, or QOperator
+QLinearConv graphs for the "qop_" recipes). Calibration runs once per calibration method and
+range symmetry: onnxruntime's own calibration cache (`calibration_cache_path`) serves every
+later quantization of the same model, so a search of many node sets costs quantizations, not
+calibrations. The comparison with fp32 and the search are in `int8_search` (which imports this
+module, never the other way round). The final Sigmoid/Softmax always stays in float:
+quantizing a probability to 256 steps would cost resolution exactly where the threshold lives.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from pneumoedge.bundle import ONNX_METADATA_KEY, ModelCard
+from pneumoedge.int8_tolerance import Tolerance
 from pneumoedge.export.onnx_run import onnx_session
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,9 @@ class Recipe:
     #: "qdq" (QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels) or
     #: "qoperator" (QLinearConv & co. written directly into the graph).
     quant_format: str = "qdq"
+    #: Symmetric activation ranges (onnxruntime's ActivationSymmetric + CalibTensorRangeSymmetric):
+    #: zero points at the middle, which int8 activations want.
+    symmetric_activations: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -70,6 +76,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("u8s8_entropy", calibrate_method="entropy"),
         Recipe("u8s8_percentile", calibrate_method="percentile"),
         Recipe("u8u8_percentile", weight_type="uint8", calibrate_method="percentile"),
+        Recipe("s8s8_symmetric", activation_type="int8", symmetric_activations=True),
     )
 }
 DEFAULT_RECIPE = "u8s8"
@@ -82,11 +89,30 @@ SPEED_RECIPES = ("qop_u8s8_reduce_range", "qop_u8s8_per_tensor", "u8s8_reduce_ra
 
 
 @dataclass(frozen=True)
-class Tolerance:
-    """What int8 must keep: the largest |p_int8 - p_fp32| and the share of identical labels."""
+class SearchBudget:
+    """How much work the int8 search may do, counted in work so that its result does not depend on
+    how busy the machine is: the same model, images and options give the same decisions.
 
-    max_prob_diff: float = 0.05
-    min_agreement: float = 0.98
+    `time_limit_s` is an optional wall-clock cap on top: when it stops the search, the result says
+    so in its warnings (and is then no longer reproducible on a slower machine).
+    """
+
+    #: Quantized candidates built and checked in all (recipes, effect ranking, fp32-set growth).
+    trials: int = 48
+    #: Of those, at most this many rank nodes by their effect on the output.
+    rank_trials: int = 24
+    #: Images the ranking trials run on (the first ones of the check images); the candidates that
+    #: can be chosen are always checked on all of them.
+    rank_images: int = 16
+    #: The most nodes kept in fp32 (beyond this int8 is rarely faster than fp32).
+    max_fp32_nodes: int = 16
+    time_limit_s: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if min(self.trials, self.rank_trials, self.rank_images, self.max_fp32_nodes) < 0:
+            raise ValueError(f"search budget figures must be >= 0: {self}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"time_limit_s must be > 0 (or None for no cap), got {self.time_limit_s}")
 
 
 @dataclass
@@ -101,6 +127,7 @@ class Candidate:
     size_bytes: int
     qdq_nodes: int
     meets: bool
+    fp32_nodes: int = 0
     accuracy: Optional[float] = None
     roc_auc: Optional[float] = None
     path: Optional[Path] = None
@@ -109,6 +136,9 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k not in ("recipe", "path")}
         data["recipe"] = self.recipe.to_dict()
+        for key in ("max_prob_diff", "mean_prob_diff", "latency_ms"):  # JSON has no NaN/inf: not measured -> null
+            if not np.isfinite(data[key]):
+                data[key] = None
         return data
 
 
@@ -130,6 +160,11 @@ class QuantizationResult:
     warnings: list[str] = field(default_factory=list)
     #: The fp32-kept-nodes search: [{fp32_nodes, max_prob_diff, agreement, latency_ms, meets}], fewest nodes first.
     curve: list[dict[str, Any]] = field(default_factory=list)
+    #: Nodes ranked by their measured effect on the output probabilities: [{node, op_type, effect, ...}], largest first.
+    ranking: list[dict[str, Any]] = field(default_factory=list)
+    budget: SearchBudget = field(default_factory=SearchBudget)
+    #: Candidates built and checked (counted against `budget.trials`).
+    trials: int = 0
 
     @property
     def ok(self) -> bool:
@@ -148,6 +183,9 @@ class QuantizationResult:
             "seconds": round(self.seconds, 2),
             "warnings": self.warnings,
             "curve": self.curve,
+            "ranking": self.ranking,
+            "budget": asdict(self.budget),
+            "trials": self.trials,
         }
 
 
@@ -198,8 +236,14 @@ def preprocess_for_quantization(fp32_path: Union[str, Path], out_path: Union[str
     return out_path
 
 
-def quantize_with(recipe: Recipe, pre_path: Path, out_path: Path, calibration: np.ndarray, card: ModelCard) -> Path:
-    """Quantize `pre_path` with `recipe`, calibrating on `calibration`; keep the model card."""
+def quantize_with(
+    recipe: Recipe, pre_path: Path, out_path: Path, calibration: np.ndarray, card: ModelCard, *, cache: Optional[Path] = None
+) -> Path:
+    """Quantize `pre_path` with `recipe`, calibrating on `calibration`; keep the model card.
+
+    `cache`: a folder for onnxruntime's calibration cache, one file per calibration method and
+    range symmetry, so that later quantizations of the same model reuse the ranges.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as _quantize_static
@@ -207,9 +251,14 @@ def quantize_with(recipe: Recipe, pre_path: Path, out_path: Path, calibration: n
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     name = onnx_session(pre_path).get_inputs()[0].name
-    extra = {"CalibMovingAverage": False}
+    extra: dict[str, Any] = {"CalibMovingAverage": False}
     if recipe.calibrate_method == "percentile":
         extra["CalibPercentile"] = 99.99
+    if recipe.symmetric_activations:
+        extra.update(ActivationSymmetric=True, CalibTensorRangeSymmetric=True)
+    cache_file = None
+    if cache is not None:
+        cache_file = Path(cache) / f"calibration-{recipe.calibrate_method}{'-symmetric' if recipe.symmetric_activations else ''}.json"
     with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress to stdout
         _quantize_static(
             str(pre_path),
@@ -224,6 +273,7 @@ def quantize_with(recipe: Recipe, pre_path: Path, out_path: Path, calibration: n
             nodes_to_exclude=list(recipe.exclude) or None,
             calibrate_method=methods[recipe.calibrate_method],
             extra_options=extra,
+            calibration_cache_path=cache_file,
         )
     model = onnx.load(str(out_path))
     props = {p.key: p.value for p in model.metadata_props}
@@ -234,20 +284,15 @@ def quantize_with(recipe: Recipe, pre_path: Path, out_path: Path, calibration: n
     return Path(out_path)
 
 
+def quantizable_nodes(pre_path: Union[str, Path]) -> list[tuple[str, str]]:
+    """(name, op type) of the nodes a recipe may quantize, in graph (topological) order."""
+    import onnx
+
+    return [(n.name, n.op_type) for n in onnx.load(str(pre_path)).graph.node if n.name and n.op_type in OPS_TO_QUANTIZE]
+
+
 def qdq_node_count(path: Union[str, Path]) -> int:
     """Number of QuantizeLinear + DequantizeLinear nodes (0 means nothing was quantized)."""
     import onnx
 
     return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(str(path)).graph.node)
-
-
-# The search lives in int8_search, which imports this module; these names stay importable from here.
-_SEARCH_NAMES = ("quantize_int8", "sensitive_nodes", "time_model", "time_models")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SEARCH_NAMES:
-        from pneumoedge.export import int8_search
-
-        return getattr(int8_search, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
 Results folder layout: `model.json` (which model owns the folder), `results.jsonl|csv` (the
 rows, also the ledger), `spool/` (received, not yet processed), `outbox/` (result objects not
-yet confirmed by the PACS), `sent/`, `refused/`.
+yet confirmed by the PACS), `sent/` (confirmed, kept `keep_sent_days`), `failed/` (not stored, with
+`failed.log` saying why).
 """
 
 from __future__ import annotations
@@ -31,14 +32,19 @@ log = logging.getLogger(__name__)
 class NodeConfig:
     out: Path
     aet: str = "PNEUMOEDGE"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 11112
     fmt: str = "jsonl"
-    allow: Sequence[str] = ()
+    #: Calling AE titles (`AET` or `AET@address`, or `receive.Peer`s) let in; empty: any.
+    allow: Sequence[Any] = ()
     send_to: Optional[Destination] = None
     heatmaps: bool = False
     retry_max: float = 60.0
     batch_size: int = 8
+    #: Days confirmed result objects stay in sent/ (None: forever; 0: removed once confirmed).
+    keep_sent_days: Optional[float] = 30.0
+    #: Failed attempts to store one object before it moves to failed/.
+    max_attempts: int = 8
 
 
 def _claim_folder(out: Path, identity: report.ModelIdentity) -> None:
@@ -75,12 +81,14 @@ class Node:
             raise OutputError(f"{out} already holds {existing.name}; use --format {existing.suffix[1:]} or another --out folder")
         _claim_folder(out, report.model_identity(ensemble))
         self.spool = Spool(out / "spool")
-        self.outbox = Outbox(out)
+        self.outbox = Outbox(out, max_attempts=config.max_attempts)
         self.ledger = Ledger(results_file(out, config.fmt), config.fmt, ensemble.labels, [m.name for m in ensemble.members])
         self.worker = Worker(ensemble, self.spool, self.ledger, self.outbox, heatmaps=config.heatmaps, batch_size=config.batch_size)
         self.receiver = Receiver(self.spool, aet=config.aet, host=config.host, port=config.port, allow=config.allow)
         self.sender = (
-            Sender(self.outbox, config.send_to, config.aet, retry_max=config.retry_max) if config.send_to else None
+            Sender(self.outbox, config.send_to, config.aet, retry_max=config.retry_max, keep_sent_days=config.keep_sent_days)
+            if config.send_to
+            else None
         )
         self._worker_thread: Optional[threading.Thread] = None
         self.started = 0.0
@@ -132,7 +140,8 @@ class Node:
             "duplicates": stats.duplicates,
             "labels": dict(stats.labels),
             "objects_sent": sent.sent if sent else 0,
-            "objects_refused": sent.refused if sent else 0,
+            "objects_failed": len(self.outbox.failed_files()),
+            "associations_refused": self.receiver.refused_associations,
             "outbox": len(self.outbox.pending()),
             "spool": len(self.spool),
             "uptime_s": time.monotonic() - self.started if self.started else 0.0,

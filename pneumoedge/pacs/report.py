@@ -9,6 +9,7 @@ never a second report.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from pneumoedge.runtime.ensemble import Ensemble, Prediction
 DECISION_SUPPORT = "Decision support for clinicians, not a diagnosis."
 OOD_NOTE = "This image is unlike this model's training images: do not rely on this result."
 SYNTHETIC_NOTE = "The model was trained on synthetic phantoms, not on patients: a demonstration, not clinically validated."
+NOT_ANALYSED = "Not analysed: the image could not be read or decoded by pneumoedge."
+NOT_ANALYSED_NOTE = "No result was computed for this image; it needs reading as usual."
 MANUFACTURER = "pneumoedge"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
@@ -139,12 +142,6 @@ def _with_type2(source: Any) -> Any:
 
 def build_sr(source: Any, prediction: Prediction, identity: ModelIdentity) -> Any:
     """A Comprehensive SR for one classified image (`source`: its pydicom header)."""
-    import highdicom as hd
-    from highdicom.sr import ContainerContentItem, ImageContentItem, RelationshipTypeValues
-
-    source = _with_type2(source)
-    series_uid, sop_uid = sr_uids(source, identity)
-    root = ContainerContentItem(name=_code("18748-4", "LN", "Diagnostic imaging report"))
     finding = f"{prediction.label} (probability {prediction.probability:.3f}"
     finding += f", decision threshold {prediction.threshold:.3f})" if prediction.threshold is not None else ")"
     items = [_text(_code("121071", "DCM", "Finding"), finding)]
@@ -157,11 +154,33 @@ def build_sr(source: Any, prediction: Prediction, identity: ModelIdentity) -> An
     if prediction.ood is not None:
         words = "unlike the training images" if prediction.ood else "like the training images"
         items.append(_text(_code("OOD", _SCHEME, "Out-of-distribution check"), words))
+    return _report(source, identity, items, notes(prediction, identity))
+
+
+def build_error_sr(source: Any, reason: str, identity: ModelIdentity) -> Any:
+    """A Comprehensive SR saying that the image could not be analysed, and why (no label, no probability).
+
+    Sent for an `error` row whose header could be read, so the PACS hears back for every image
+    it sent, not only for those that were classified.
+    """
+    items = [_text(_code("121071", "DCM", "Finding"), f"{NOT_ANALYSED} {reason}")]
+    return _report(source, identity, items, [NOT_ANALYSED_NOTE])
+
+
+def _report(source: Any, identity: ModelIdentity, items: list, comments: list[str]) -> Any:
+    """The SR around `items`: model identity, `comments`, the image reference; in the source's study."""
+    import highdicom as hd
+    from highdicom.sr import ContainerContentItem, ImageContentItem, RelationshipTypeValues
+
+    source = _with_type2(source)
+    series_uid, sop_uid = sr_uids(source, identity)
+    root = ContainerContentItem(name=_code("18748-4", "LN", "Diagnostic imaging report"))
+    items = list(items)
     items.append(_text(_code("111001", "DCM", "Algorithm Name"), identity.name))
     items.append(_text(_code("111003", "DCM", "Algorithm Version"), identity.version))
     for name, precision, sha in identity.members:
         items.append(_text(_code("111002", "DCM", "Algorithm Parameters"), f"member {name} ({precision}) sha256 {sha}"))
-    for line in notes(prediction, identity):
+    for line in comments:
         items.append(_text(_code("121106", "DCM", "Comment"), line))
     items.append(
         ImageContentItem(
@@ -188,7 +207,12 @@ def build_sr(source: Any, prediction: Prediction, identity: ModelIdentity) -> An
 
 
 def build_sc(source: Any, overlay: np.ndarray, identity: ModelIdentity) -> Any:
-    """A Secondary Capture of the heatmap overlay (uint8 RGB) in the source's study."""
+    """A Secondary Capture of the heatmap overlay (uint8 RGB) in the source's study.
+
+    Patient and study attributes are copied as in the SR; orientation and laterality come from
+    the source (the overlay is the source image resized, with a text band below); the source
+    is named in SourceImageSequence.
+    """
     import highdicom as hd
 
     source = _with_type2(source)
@@ -196,7 +220,9 @@ def build_sc(source: Any, overlay: np.ndarray, identity: ModelIdentity) -> Any:
     overlay = np.ascontiguousarray(overlay, dtype=np.uint8)
     if overlay.ndim != 3 or overlay.shape[2] != 3:
         raise ValueError(f"an overlay must be (H, W, 3) uint8 RGB, got shape {overlay.shape}")
-    return hd.sc.SCImage.from_ref_dataset(
+    orientation = _orientation(source)
+    laterality = _laterality(source)
+    sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=overlay,
         photometric_interpretation="RGB",
@@ -207,11 +233,61 @@ def build_sc(source: Any, overlay: np.ndarray, identity: ModelIdentity) -> Any:
         sop_instance_uid=sop_uid,
         instance_number=_instance_number(source),
         manufacturer=MANUFACTURER,
-        patient_orientation=("L", "F"),
+        # highdicom insists on a biped pair; an unknown orientation is written empty below.
+        patient_orientation=orientation or ("L", "F"),
+        laterality=laterality or None,
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         series_description="pneumoedge heatmap (decision support, not a diagnosis)",
         software_versions=identity.version,
     )
+    sc.copy_patient_and_study_information(source)  # IssuerOfPatientID, StudyDescription, ... as the SR has
+    if orientation is None:
+        raw = source.get("PatientOrientation")
+        sc.PatientOrientation = raw if raw else ""  # Type 2: as the source says, or empty (unknown)
+    part = str(source.get("BodyPartExamined", "") or "").strip()
+    if part:
+        sc.BodyPartExamined = part
+    if not laterality and not part:
+        sc.Laterality = ""  # Type 2C: without a body part, whether it is paired is unknown: present, empty
+    sc.SourceImageSequence = [_source_image(source)]
+    sc.DerivationDescription = "Heatmap overlay of the source image by pneumoedge; decision support, not a diagnosis"
+    return sc
+
+
+def _orientation(source: Any) -> Optional[tuple[str, str]]:
+    """The source's PatientOrientation when it is a pair highdicom accepts (single letters), else None."""
+    from highdicom import PatientOrientationValuesBiped
+
+    value = source.get("PatientOrientation")
+    parts = [str(v).strip().upper() for v in value] if value and not isinstance(value, str) else []
+    if len(parts) != 2:
+        return None
+    try:
+        return tuple(PatientOrientationValuesBiped(p).value for p in parts)  # type: ignore[return-value]
+    except ValueError:
+        return None
+
+
+def _laterality(source: Any) -> str:
+    """R or L when the source says so (Laterality, else ImageLaterality), else ""."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(source.get(keyword, "") or "").strip().upper()
+        if value in ("R", "L"):
+            return value
+    return ""
+
+
+def _source_image(source: Any) -> Any:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.ReferencedSOPClassUID = str(source.SOPClassUID)
+    item.ReferencedSOPInstanceUID = str(source.SOPInstanceUID)
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator = "121322", "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    return item
 
 
 def warm_up(ensemble: Ensemble) -> None:
@@ -226,13 +302,18 @@ def warm_up(ensemble: Ensemble) -> None:
     build_sr(source, prediction, model_identity(ensemble))
 
 
-def overlay_of(prediction: Prediction) -> Optional[np.ndarray]:
-    """The prediction's heatmap overlay (RGB), or None when it has no heatmap."""
-    make = getattr(prediction, "overlay", None)
-    if not callable(make):
+def overlay_of(prediction: Prediction, identity: Optional[ModelIdentity] = None) -> Optional[np.ndarray]:
+    """The prediction's heatmap overlay (RGB), or None when it has no heatmap.
+
+    For a model trained on synthetic phantoms the burned-in text carries the same caveat as the SR.
+    """
+    explanation = getattr(prediction, "explanation", None)
+    if explanation is None:
         return None
+    if identity is not None and identity.synthetic:
+        explanation = dataclasses.replace(explanation, caption=(*explanation.caption, SYNTHETIC_NOTE))
     try:
-        return np.asarray(make(max_side=1024))
+        return np.asarray(explanation.overlay(max_side=1024))
     except ValueError:  # no heatmap for this prediction: an answer, not a failure
         return None
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pneumoedge.dicom import not_a_radiograph
+from pneumoedge.dicom import not_a_radiograph, quiet_pydicom
 from pneumoedge.pacs import report
 from pneumoedge.pacs.ledger import Ledger
 from pneumoedge.pacs.send import Outbox
@@ -223,8 +223,10 @@ class Worker:
         import pydicom
 
         job = _Job(path, extra={"SOPInstanceUID": key_of(path), "calling_ae": "", "received": _received(path), "sr": ""})
+        notes: list[str] = []
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            with quiet_pydicom() as notes:  # its complaints about a header belong in the row, not in the node's log
+                header = pydicom.dcmread(path, stop_before_pixels=True)
             job.header = header
             job.extra.update(
                 StudyInstanceUID=str(header.get("StudyInstanceUID", "")),
@@ -235,9 +237,25 @@ class Worker:
             job.skip = not_chest_reason(header)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input; it becomes a row
             job.error = f"cannot read the DICOM header: {' '.join(str(exc).split())[:300]}"
+            if notes:
+                job.error += f" (pydicom: {'; '.join(notes)[:300]})"
         return job
 
     def _commit(self, job: _Job, prediction: Prediction) -> None:
+        # highdicom reads the header's values through pydicom: its complaints stay out of the log.
+        with quiet_pydicom():
+            self._commit_quietly(job, prediction)
+
+    def _commit_quietly(self, job: _Job, prediction: Prediction) -> None:
+        if prediction.status == "error" and job.header is not None:
+            try:  # the PACS hears back for this image too: an SR saying it could not be analysed
+                sr = report.build_error_sr(job.header, prediction.error or "unknown reason", self.identity)
+                self._queue(sr)
+                job.extra["sr"] = str(sr.SOPInstanceUID)
+            except OSError:
+                raise
+            except Exception:  # noqa: BLE001 - the row still records the error
+                log.exception("%s: could not build the SR for the error", job.uid)
         if prediction.status == "ok":
             started = time.perf_counter()
             try:
@@ -262,7 +280,7 @@ class Worker:
     def _result_objects(self, job: _Job, prediction: Prediction) -> str:
         """Write the overlay SC (when there is one) and the SR to the outbox; return the SR's UID."""
         if self.explain:
-            overlay = report.overlay_of(prediction)
+            overlay = report.overlay_of(prediction, self.identity)
             if overlay is not None:
                 self._queue(report.build_sc(job.header, overlay, self.identity))
         sr = report.build_sr(job.header, prediction, self.identity)

@@ -4,9 +4,10 @@
 user's cache folder (`machine.cache_dir()`), keyed by the bundle's manifest sha256, the CPU
 model and SIMD flags, and the onnxruntime version: a bundle is built once and shipped to many
 computers, so its own `default_precision` cannot know which is fastest where it lands. The
-bundle itself is never written. Without a stored choice, a rule from the CPU's features decides
-(int8 only where the bundle's int8 members passed their accuracy check AND the CPU has VNNI or
-AMX) and the configuration says "untuned". A damaged or foreign cache entry is ignored with a
+bundle itself is never written. Without a stored choice, a rule decides and the configuration
+says "untuned": int8 only where the bundle's int8 members passed their accuracy check AND either
+the export timed int8 faster on a similar CPU (same int8 hardware flags), or, with no such
+timing, the CPU has VNNI or AMX. A damaged or foreign cache entry is ignored with a
 warning, never a crash.
 """
 
@@ -25,7 +26,7 @@ import onnxruntime as ort
 
 from pneumoedge.atomic import write_atomic
 from pneumoedge.bundle import MANIFEST, Manifest
-from pneumoedge.runtime.machine import CpuInfo, cache_dir, cpu_info
+from pneumoedge.runtime.machine import FAST_INT8_FLAGS, CpuInfo, cache_dir, cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,48 @@ def _member_bytes(manifest: Manifest, precision: str) -> int:
     return total
 
 
+def export_timing(manifest: Manifest, cpu: CpuInfo) -> Optional[tuple[float, float, str]]:
+    """(fp32 ms, int8 ms, the export's CPU) as the export timed every int8 member beside its fp32
+    one, when that CPU was similar to `cpu` (the same int8 hardware: VNNI/AMX/dot-product flags);
+    None when the export did not record the timings or its CPU, or its CPU was different.
+
+    Read from provenance: `machine` ({cpu, simd}, as `CpuInfo.to_dict()`) and, per member,
+    `members.<name>.int8.latency_ms` ({fp32, int8}).
+    """
+    provenance = manifest.provenance or {}
+    machine = provenance.get("machine")
+    if not isinstance(machine, dict) or not isinstance(machine.get("simd"), list):
+        return None
+    if tuple(f for f in FAST_INT8_FLAGS if f in machine["simd"]) != cpu.fast_int8_flags:
+        return None
+    records = provenance.get("members") or {}
+    fp32 = int8 = 0.0
+    for name in {m.name for m in manifest.members if m.precision == "int8"}:
+        timing = ((records.get(name) or {}).get("int8") or {}).get("latency_ms") or {}
+        if not all(isinstance(timing.get(k), (int, float)) and timing[k] > 0 for k in ("fp32", "int8")):
+            return None
+        fp32, int8 = fp32 + timing["fp32"], int8 + timing["int8"]
+    return (fp32, int8, str(machine.get("cpu", "?"))) if fp32 > 0 else None
+
+
+def _untuned_precision(manifest: Manifest, cpu: CpuInfo) -> tuple[str, str]:
+    """fp32 or int8 for a bundle with both, and why: the export's own timing on a similar CPU
+    when it recorded one, else the CPU's flags (int8 kernels need VNNI/AMX to be fast, usually)."""
+    passed, passed_why = int8_passed(manifest)
+    if not passed:
+        return "fp32", passed_why
+    timing = export_timing(manifest, cpu)
+    if timing is not None:
+        fp32, int8, where = timing
+        measured = f"the export timed int8 {int8:.1f} ms vs fp32 {fp32:.1f} ms on a similar CPU ({where})"
+        if int8 * (1 + INT8_MARGIN) <= fp32:
+            return "int8", f"{passed_why}; {measured}"
+        return "fp32", f"{measured}: int8 not faster by {INT8_MARGIN:.0%}"
+    if cpu.fast_int8:
+        return "int8", f"{passed_why}; this CPU has {'/'.join(cpu.fast_int8_flags)}"
+    return "fp32", "no VNNI/AMX on this CPU and no export timing from a similar one: int8 kernels are usually slower than fp32 here"
+
+
 def rule(
     manifest: Optional[Manifest], cpu: Optional[CpuInfo] = None, *, model_bytes: int = 0, precision: Optional[str] = None
 ) -> Configuration:
@@ -124,13 +167,7 @@ def rule(
     elif len(manifest.precisions) == 1:
         precision, why = manifest.precisions[0], f"the bundle has only {manifest.precisions[0]}"
     else:
-        passed, passed_why = int8_passed(manifest)
-        if passed and cpu.fast_int8:
-            precision, why = "int8", f"{passed_why}; this CPU has {'/'.join(cpu.fast_int8_flags)}"
-        elif passed:
-            precision, why = "fp32", "no VNNI/AMX on this CPU: int8 kernels are usually slower than fp32 here"
-        else:
-            precision, why = "fp32", passed_why
+        precision, why = _untuned_precision(manifest, cpu)
     size = model_bytes or (_member_bytes(manifest, precision) if manifest is not None else 0)
     big = size > BIG_MODEL_BYTES
     threads = None if big else 1

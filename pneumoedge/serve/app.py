@@ -28,7 +28,7 @@ from pneumoedge.serve.model_info import NOTICE, describe_model
 from pneumoedge.serve.predict import predict_upload, response_status
 from pneumoedge.serve.schema import ErrorBody, Health, ModelInfo, PredictFailure, PredictResponse, Readiness
 from pneumoedge.serve.settings import ServeSettings
-from pneumoedge.serve.uploads import RAW_TYPES, keep, read_uploads
+from pneumoedge.serve.uploads import RAW_TYPES, keep, must_close, read_uploads
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -38,11 +38,11 @@ _UPLOAD_BODY = {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}},
+                "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary", "minLength": 1}, "minItems": 1}},
                 "required": ["file"],
             }
         },
-        **{kind: {"schema": {"type": "string", "format": "binary"}} for kind in sorted(RAW_TYPES)},
+        **{kind: {"schema": {"type": "string", "format": "binary", "minLength": 1}} for kind in sorted(RAW_TYPES)},
     },
 }
 
@@ -105,10 +105,11 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
         return JSONResponse({"detail": exc.reason}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # The documented error body (a sentence), not FastAPI's list of pydantic errors.
         problems = "; ".join(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors())
-        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422, headers={"Connection": "close"})
+        headers = {"Connection": "close"} if must_close(request, 422) else None
+        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422, headers=headers)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
@@ -163,8 +164,9 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
             try:
                 uploads = await read_uploads(request, settings)
             except HTTPProblem as exc:
-                # The body may be partly unread: close instead of reading the rest to find the next request.
-                exc.headers["Connection"] = "close"
+                # The body may be partly unread: close rather than read a large rest to find the next request.
+                if must_close(request, exc.status):
+                    exc.headers["Connection"] = "close"
                 raise
             request.state.files = len(uploads)
             # Only now, with the whole body in hand, does the request take a slot: slow uploads

@@ -158,8 +158,6 @@ _REPLACED = frozenset(name for name, _ in SECURITY_HEADERS)
 async def _refuse(send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    # The body was not read: close rather than read it to find the next request.
-    headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

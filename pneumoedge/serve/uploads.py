@@ -43,16 +43,26 @@ async def read_uploads(request: Request, settings: ServeSettings) -> list[Upload
         boundary = params.get(b"boundary")
         if not boundary:
             raise HTTPProblem(400, "malformed multipart request: the Content-Type has no boundary")
-        return await _read_multipart(request, boundary, settings)
+        return _none_empty(await _read_multipart(request, boundary, settings))
     if mime_text in RAW_TYPES:
         data = b"".join([chunk async for chunk in body_chunks(request, settings)])
-        return [Upload(_basename(request.query_params.get("filename", "")) or "upload", data)]
+        return _none_empty([Upload(_basename(request.query_params.get("filename", "")) or "upload", data)])
     shown = mime_text or "none"
     raise HTTPProblem(
         415,
         f"unsupported Content-Type {shown!r}: send multipart/form-data with file fields, or one image "
         f"as the body with Content-Type one of {', '.join(sorted(RAW_TYPES))}",
     )
+
+
+def _none_empty(uploads: list[Upload]) -> list[Upload]:
+    """The uploads, or 422 for the request when one is empty (a broken client: the schema says minLength 1)."""
+    empty = [upload.name for upload in uploads if not upload.data]
+    if empty:
+        raise HTTPProblem(
+            422, f"empty file (0 bytes): {', '.join(empty)}: was the upload cut off, or the file still being written?"
+        )
+    return uploads
 
 
 async def body_chunks(request: Request, settings: ServeSettings) -> AsyncIterator[bytes]:
@@ -104,6 +114,24 @@ def _next_wait(settings: ServeSettings, received: int, elapsed: float) -> tuple[
             (falls_below - elapsed, f"the upload is too slow: under {settings.min_upload_rate / 1024:g} KB/s (serve --min-upload-rate)")
         )
     return min(limits, key=lambda limit: limit[0])
+
+
+#: Unread body left to uvicorn to discard (keeping the connection) after an early refusal; with
+#: more, or an unknown length, the connection is closed instead (as Go's net/http does at 256 KB).
+DISCARD_LIMIT = 256 * 1024
+
+
+def must_close(request: Request, status: int) -> bool:
+    """Whether a refusal given before the body was read should close the connection.
+
+    Always for 408 and 413 (the body is slow or large); otherwise when what is left to read may
+    be large. A small body is better discarded: closing a socket with unread input makes the
+    kernel reset it, and a reset can destroy the refusal before the client reads it.
+    """
+    if status in (408, 413):
+        return True
+    declared = request.headers.get("content-length", "").strip()
+    return not declared.isdigit() or int(declared) > DISCARD_LIMIT
 
 
 def _too_large(limit: int, what: str) -> str:

@@ -247,7 +247,8 @@ def _calibration_section(report: dict[str, Any]) -> list[str]:
 
 def _gallery_section(report: dict[str, Any]) -> list[str]:
     gallery = report["gallery"]
-    out = [f"<h2>Worst errors ({len(gallery['shown'])} of {gallery['errors']}; false negatives first)</h2>"]
+    order = "false negatives first" if report["bundle"]["task"] == "binary" else "lowest probability of the true class first"
+    out = [f"<h2>Worst errors ({len(gallery['shown'])} of {gallery['errors']}; {order})</h2>"]
     if gallery.get("note"):
         out.append(f"<p class=\"muted\">{escape(gallery['note'])}</p>")
     if not gallery["shown"]:

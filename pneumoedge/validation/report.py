@@ -18,7 +18,7 @@ import numpy as np
 
 from pneumoedge import __version__
 from pneumoedge.atomic import write_atomic, write_json_atomic
-from pneumoedge.bundle import BundleError
+from pneumoedge.bundle import BundleError, sha256_file
 from pneumoedge.runtime.ensemble import Ensemble
 from pneumoedge.runtime.folder import ProgressCallback
 from pneumoedge.runtime.loading import load
@@ -77,7 +77,8 @@ def validate(
     """Validate a bundle on labelled data; write the report files into `out`.
 
     Args:
-        bundle: a bundle folder (its manifest's sha256 ties the report and site.json to it).
+        bundle: a bundle folder (its manifest's sha256 ties the report and site.json to it), or
+            one self-describing .onnx file (its own sha256; no site threshold).
         data: one folder per label, or a CSV of path,label (see `read_labelled`).
         out: the report folder (refused when it holds a report, unless `overwrite`).
         precision, threads, batch_size, workers, device: as `infer` takes them; by default
@@ -95,8 +96,10 @@ def validate(
     if not 0.0 < width < 1.0:
         raise DataError(f"--width {width}: give an interval width between 0 and 1 (e.g. 0.1)")
     rule = parse(site_threshold) if site_threshold is not None else None
-    if not bundle.is_dir():
-        raise BundleError(f"{bundle}: validate takes a bundle folder (its checksum ties the report to it)")
+    if not bundle.is_dir() and not (bundle.is_file() and bundle.suffix.lower() == ".onnx"):
+        raise BundleError(f"{bundle}: validate takes a bundle folder (or one self-describing .onnx file)")
+    if (rule is not None or site is not None) and not bundle.is_dir():
+        raise BundleError(f"{bundle}: a site threshold belongs to a bundle folder, not to a bare .onnx file")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
     if (out / "report.json").exists() and not overwrite:
@@ -106,6 +109,8 @@ def validate(
     if rule is not None and ensemble.task != "binary":
         raise DataError("--site-threshold: a multi-class bundle decides by arg-max and takes no threshold")
     listing = read_labelled(data, ensemble.labels)
+    if (out / "report.json").exists():  # --overwrite: an earlier report of ours
+        _clear_previous(out)
     out.mkdir(parents=True, exist_ok=True)
     configuration = getattr(ensemble, "configuration", None)
     batch = batch_size or (configuration.batch if configuration is not None else 8)
@@ -140,6 +145,12 @@ def validate(
 
     write_atomic(out / "report.html", render(report))
     return Validation(report, files)
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove what an earlier report in `out` wrote and this run may not rewrite (no stale site.json or heatmaps)."""
+    for path in [out / "site.json", *(out / "gallery").glob("[0-9][0-9]-*.png")]:
+        path.unlink(missing_ok=True)
 
 
 def _public(report: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +191,7 @@ def _report(ensemble: Ensemble, bundle: Path, data: Path, listing: Listing, run:
         "notice": NOTICE,
         "pneumoedge": __version__,
         "bundle": {
-            "name": ensemble.name, "path": str(bundle), "sha256": bundle_sha256(bundle), "task": ensemble.task, "labels": labels,
+            "name": ensemble.name, "path": str(bundle), "sha256": bundle_sha256(bundle) if bundle.is_dir() else sha256_file(bundle), "task": ensemble.task, "labels": labels,
             "threshold": manifest.threshold if manifest is not None else None,
             "threshold_method": manifest.threshold_method if manifest is not None else None,
             "synthetic": synthetic, "precision": getattr(configuration, "precision", None),
@@ -194,7 +205,7 @@ def _report(ensemble: Ensemble, bundle: Path, data: Path, listing: Listing, run:
         "n": int(len(run.y)),
         "per_label": everything["per_label"],
         "threshold": threshold,
-        "threshold_source": site.source if site is not None else ("bundle: " + (ensemble.threshold_method or "") if threshold is not None else "arg-max"),
+        "threshold_source": site.source if site is not None else (("bundle: " if bundle.is_dir() else "model: ") + (ensemble.threshold_method or "") if threshold is not None else "arg-max"),
         "sensitivity": everything["sensitivity"],
         "specificity": everything["specificity"],
         "roc_auc": everything["roc_auc"],
