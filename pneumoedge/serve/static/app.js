@@ -171,9 +171,19 @@ function showResult(card, row) {
       el("span", { class: "bar", "aria-hidden": "true" }, fill),
       el("span", { text: percent(p) })));
   }
-  card.body.append(
-    el("p", { class: "label", text: `${row.label} (${percent(row.probability)})` }),
-    bars);
+  if (row.ood === true) {
+    // Unlike the training images: the warning leads, the label is only secondary information
+    // (a confident label on an abdominal CT slice means nothing).
+    card.item.classList.add("ood");
+    card.body.append(
+      el("p", { class: "ood-warning", role: "alert", text: "Unlike this model's training images: do not rely on this result." }),
+      el("p", { class: "label secondary", text: `Model output, for reference only: ${row.label} (${percent(row.probability)})` }),
+      bars);
+  } else {
+    card.body.append(
+      el("p", { class: "label", text: `${row.label} (${percent(row.probability)})` }),
+      bars);
+  }
   if (row.threshold !== null && row.threshold !== undefined) {
     card.body.append(el("p", { class: "meta", text: `Threshold: ${labels[1]} when its probability is at least ${percent(row.threshold)}.` }));
   }
@@ -182,9 +192,6 @@ function showResult(card, row) {
       `The models in this ensemble disagree about this image (their probabilities differ by up to ${percent(row.disagreement)}): look at it closely.` }));
   } else if (row.disagreement !== null && Object.keys(row.member_probabilities).length > 1) {
     card.body.append(el("p", { class: "meta", text: `The ensemble's models agree (they differ by at most ${percent(row.disagreement)}).` }));
-  }
-  if (row.ood === true) {
-    card.body.append(el("p", { class: "warning", text: "Unlike this model's training images: do not rely on this result." }));
   }
   if (row.overlay) addHeatmapToggle(card, row.overlay);
   card.body.append(el("p", { class: "meta", text: "Decision support, not a diagnosis." }));
@@ -202,7 +209,28 @@ function addHeatmapToggle(card, overlayUrl) {
     overlay.hidden = !on;
     if (original !== overlay) original.hidden = on;
   });
-  card.body.append(el("p", {}, button));
+  const enlarge = el("button", { type: "button", text: "View heatmap full size" });
+  enlarge.addEventListener("click", () => showLarge(overlayUrl, card.item.querySelector("h3").textContent));
+  card.body.append(el("p", { class: "actions" }, button, enlarge));
+}
+
+function showLarge(url, name) {
+  // One dialog for the page: the overlay at its own size (up to the window), legend readable.
+  let dialog = document.getElementById("heatmap-dialog");
+  if (!dialog) {
+    dialog = el("dialog", { id: "heatmap-dialog", class: "large-view", "aria-labelledby": "heatmap-dialog-title" },
+      el("h2", { id: "heatmap-dialog-title" }),
+      el("img", { alt: "" }),
+      el("p", {}, el("button", { type: "button", class: "close", text: "Close" })));
+    dialog.querySelector(".close").addEventListener("click", () => dialog.close());
+    dialog.addEventListener("click", (event) => { if (event.target === dialog) dialog.close(); });
+    document.body.append(dialog);
+  }
+  dialog.querySelector("h2").textContent = `Heatmap of ${name}`;
+  const img = dialog.querySelector("img");
+  img.src = url;
+  img.alt = `Heatmap of ${name}, full size: where the model looked, with its legend`;
+  dialog.showModal();
 }
 
 function setUp() {
