@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 
 import onnxruntime as ort
 
-from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, card_from_metadata, read_manifest
+from pneumoedge.bundle import ONNX_METADATA_KEY, BundleError, card_from_metadata, check_digest, read_manifest
 from pneumoedge.runtime.ensemble import Ensemble
 from pneumoedge.runtime.machine import file_stat, optimized_graph_file, remember_verified, verified_before
 from pneumoedge.runtime.members import LoadedMember, check_input_shape
@@ -146,10 +146,6 @@ def _open_verified(entry: Any, device: str, threads: Optional[int]) -> ort.Infer
         raise failure
     if optimized is not None and actual == entry.sha256:
         remember_verified(entry.path, actual, stat_before)
-    if actual != entry.sha256:
-        raise BundleError(
-            f"{entry.path}: checksum mismatch (manifest sha256 {entry.sha256[:12]}…, file {actual[:12]}…); "
-            "the file was changed or corrupted after the bundle was made"
-        )
+    check_digest(entry.path, entry.sha256, actual)
     return session
 

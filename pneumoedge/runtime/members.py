@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import onnxruntime as ort
 
-from pneumoedge.bundle import BundleError, ModelCard
+from pneumoedge.bundle import BundleError, ModelCard, apply_activation
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,7 @@ class LoadedMember:
         return [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
 
     def _probabilities(self, raw: np.ndarray, count: int) -> np.ndarray:
-        raw = np.asarray(raw, dtype=np.float64).reshape(count, -1)
-        if self.card.activation == "sigmoid":
-            raw = 1.0 / (1.0 + np.exp(-raw))
-        elif self.card.activation == "softmax":
-            shifted = np.exp(raw - raw.max(axis=1, keepdims=True))
-            raw = shifted / shifted.sum(axis=1, keepdims=True)
+        raw = apply_activation(np.asarray(raw).reshape(count, -1), self.card.activation)
         if self.card.task == "binary" and raw.shape[1] == 1:
             raw = np.concatenate([1.0 - raw, raw], axis=1)
         if raw.shape[1] != len(self.card.labels):
