@@ -284,7 +284,7 @@ def send_results(
     )
     if problem:
         stderr.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1 if left or problem or (stats.failed and not stats.sent) or (retry_failed and failed) else 0)
+    raise typer.Exit(1 if left or problem or stats.failed or (retry_failed and failed) else 0)
 
 
 def register(app: typer.Typer) -> None:
