@@ -5,9 +5,8 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-from typing import Optional
+from typing import Any, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 from typing_extensions import Annotated
@@ -28,16 +27,16 @@ VERBS = {
 class LazyVerbs(TyperGroup):
     """The top-level group: lists `VERBS` and imports a verb's module when it is asked for."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: typer.Context) -> list[str]:
         return list(VERBS)
 
-    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+    def get_command(self, ctx: typer.Context, name: str) -> Optional[Any]:
         return verb_command(name) if name in VERBS else None
 
 
 @functools.lru_cache(maxsize=None)
-def verb_command(name: str) -> click.Command:
-    """The click command `name`, from its module's `register(app)`."""
+def verb_command(name: str) -> Any:
+    """The (click) command `name`, from its module's `register(app)`."""
     module = importlib.import_module(f"pneumoedge.commands.{VERBS[name]}")
     holder = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
     module.register(holder)
