@@ -12,9 +12,9 @@ from typing_extensions import Annotated
 
 from pneumoedge.commands.options import CLINICAL_NOTE, parse_floats, parse_names, parse_scale, user_errors
 from pneumoedge.export.bundle_builder import BundleOptions, BundleResult, Int8Options
-from pneumoedge.export.onnx_export import ExportResult
+from pneumoedge.export.onnx_export import DEFAULT_PARITY_TOLERANCE, ExportResult
 from pneumoedge.export.onnx_wrap import WrapResult
-from pneumoedge.export.quantization import Tolerance
+from pneumoedge.int8_tolerance import INT8_MAX_PROB_DIFF, INT8_MIN_AGREEMENT, Tolerance
 from pneumoedge.export.report import write_report_json
 from pneumoedge.preprocessing import PreprocessSpec
 
@@ -26,9 +26,9 @@ def export_command(
     int8: Annotated[bool, typer.Option("--int8", help="Also write int8 members (static quantization; the fastest recipe that meets the tolerance), checked against fp32.")] = False,
     calibration: Annotated[Optional[Path], typer.Option(help="Folder of images for int8 calibration (default: the runs' training images).", show_default=False)] = None,
     images: Annotated[Optional[Path], typer.Option(help="Folder of images for the parity check (default: validation images, or generated phantoms).", show_default=False)] = None,
-    tolerance: Annotated[float, typer.Option(help="Largest accepted |p_keras - p_onnx|; export refuses beyond it.")] = 1e-4,
-    int8_max_diff: Annotated[float, typer.Option(help="int8: largest accepted |p_int8 - p_fp32|.")] = 0.05,
-    int8_min_agreement: Annotated[float, typer.Option(help="int8: smallest accepted share of labels equal to fp32's.")] = 0.98,
+    tolerance: Annotated[float, typer.Option(help="Largest accepted |p_keras - p_onnx|; export refuses beyond it.")] = DEFAULT_PARITY_TOLERANCE,
+    int8_max_diff: Annotated[float, typer.Option(help="int8: largest accepted |p_int8 - p_fp32|.")] = INT8_MAX_PROB_DIFF,
+    int8_min_agreement: Annotated[float, typer.Option(help="int8: smallest accepted share of labels equal to fp32's.")] = INT8_MIN_AGREEMENT,
     recipe: Annotated[str, typer.Option(help="First int8 recipe (see pneumoedge.export.quantization.RECIPES): u8s8 (QDQ per-channel), u8s8_reduce_range, u8s8_per_tensor, u8u8, s8s8, qop_u8s8_reduce_range, qop_u8s8_per_tensor, qop_u8u8_reduce_range, u8s8_entropy, u8s8_percentile, u8u8_percentile.")] = "u8s8",
     calibration_method: Annotated[Optional[str], typer.Option(help="Override the recipe's calibration: minmax, entropy or percentile.", show_default=False)] = None,
     no_search: Annotated[bool, typer.Option("--no-search", help="Do not try other int8 recipes when the first misses the tolerance.")] = False,

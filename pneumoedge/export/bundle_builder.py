@@ -24,8 +24,10 @@ import numpy as np
 from pneumoedge import thresholds
 from pneumoedge.bundle import ONNX_METADATA_KEY, Manifest, MemberSource, write_bundle
 from pneumoedge.export.errors import ExportError, QuantizationError
+from pneumoedge.export.onnx_export import DEFAULT_PARITY_TOLERANCE
 from pneumoedge.export.onnx_run import ensemble_probabilities
-from pneumoedge.export.quantization import DEFAULT_RECIPE, QuantizationResult, Tolerance
+from pneumoedge.export.quantization import DEFAULT_RECIPE, QuantizationResult
+from pneumoedge.int8_tolerance import Tolerance
 from pneumoedge.export.report import Progress, quiet
 from pneumoedge.export.tensors import image_files, load_tensors
 from pneumoedge.validation.metrics import classification_metrics
@@ -59,7 +61,7 @@ class BundleOptions:
 
     int8: Int8Options = field(default_factory=Int8Options)
     #: Largest accepted |p_keras - p_onnx| (Keras doors).
-    parity_tolerance: float = 1e-4
+    parity_tolerance: float = DEFAULT_PARITY_TOLERANCE
     #: Images for the parity and wrapping checks (a folder); None: the door's own or phantoms.
     images: Optional[Path] = None
     heatmaps: bool = True
@@ -334,7 +336,7 @@ def _ensemble_check(
         "images": int(len(validation.y)),
     }
     metrics["int8_vs_fp32"] = check
-    if check["max_prob_diff"] > tolerance.max_prob_diff or check["agreement"] < tolerance.min_agreement:
+    if not tolerance.holds(check["max_prob_diff"], check["agreement"]):
         progress(
             f"  warning: the int8 ensemble agrees with fp32 on {check['agreement']:.1%} of validation labels "
             f"(max diff {check['max_prob_diff']:.4f}); fp32 stays the default precision"

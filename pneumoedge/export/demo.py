@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import pneumoedge
 from pneumoedge.datasets import phantoms
@@ -58,6 +59,22 @@ class DemoResult:
     predictions: list[dict[str, Any]]
 
 
+class _Steps:
+    """Numbered steps with their durations, said as they start and end."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        self.progress(f"[{len(self.seconds) + 1}] {name}")
+        yield
+        self.seconds[name] = time.perf_counter() - started
+        self.progress(f"    done in {self.seconds[name]:.1f} s")
+
+
 def run_demo(
     out_dir: Union[str, Path],
     *,
@@ -75,76 +92,63 @@ def run_demo(
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; the demo writes into a new or empty folder")
     plan = DemoPlan.make(quick)
-    steps: dict[str, float] = {}
+    steps = _Steps(progress)
     artefacts: dict[str, str] = {}
-
-    def step(name: str) -> Callable[[], None]:
-        started = time.perf_counter()
-        progress(f"[{len(steps) + 1}] {name}")
-
-        def done() -> None:
-            steps[name] = time.perf_counter() - started
-            progress(f"    done in {steps[name]:.1f} s")
-
-        return done
-
-    done = step("generate synthetic phantoms (Kaggle layout)")
-    data = phantoms.generate_dataset(out / "data", counts=plan.counts, size=plan.image_size, seed=seed, sixteen_bit_fraction=0.1)
-    artefacts["data"] = str(data)
-    done()
-
-    run_dirs = []
-    for arch in archs:
-        done = step(f"train {arch}")
-        result = train(
-            data, arch, out / "runs" / arch, plan.training(seed),
-            on_epoch=lambda e, n, logs: progress(f"    epoch {e}/{n}: loss {logs.get('loss', 0):.3f}, val_loss {logs.get('val_loss', 0):.3f}, val_acc {logs.get('val_accuracy', 0):.3f}"),
-        )
-        run_dirs.append(result.run_dir)
-        artefacts[f"run {arch}"] = str(result.run_dir)
-        done()
-
     evaluations: dict[str, dict[str, Any]] = {}
-    done = step("evaluate the Keras runs on the test split")
-    for run_dir in run_dirs:
-        metrics = evaluate_run(run_dir, data / "test", out / "evaluation" / f"keras_{run_dir.name}")
-        evaluations[f"keras {run_dir.name}"] = metrics
-        progress(f"    {run_dir.name}: accuracy {metrics['accuracy']:.3f}, ROC AUC {metrics['roc_auc'] or float('nan'):.3f}")
-    artefacts["evaluation"] = str(out / "evaluation")
-    done()
-
-    done = step("export to ONNX with parity, int8 with accuracy check, bundle")
-    bundle = export_runs(run_dirs, out / "bundle", BundleOptions(int8=Int8Options(enabled=True), name="demo"), progress=progress)
-    artefacts["bundle"] = str(bundle.bundle_dir)
-    done()
-
-    done = step("evaluate the bundle with the runtime (fp32 and int8)")
-    for precision in ("fp32", "int8"):
-        metrics = evaluate_model(bundle.bundle_dir, data / "test", out / "evaluation" / f"bundle_{precision}", precision=precision)
-        evaluations[f"bundle {precision}"] = metrics
-        progress(f"    bundle {precision}: accuracy {metrics['accuracy']:.3f}, ROC AUC {metrics['roc_auc'] or float('nan'):.3f}")
-    done()
-
-    done = step("run the runtime on example images")
-    if quick:
-        examples = phantoms.write_examples(out / "examples", n=plan.examples, seed=seed + 7, size=plan.image_size, png_size=None)
-    else:
-        examples = phantoms.write_examples(out / "examples", n=plan.examples, seed=seed + 7)
-    artefacts["examples"] = str(out / "examples")
-    ensemble = pneumoedge.load(bundle.bundle_dir)
-    predictions = [p.to_dict() for p in ensemble.predict_many(examples)]
-    for p in predictions:
-        progress(f"    {Path(p['path']).name}: {p['label']} (p={p['probability']:.3f})")
-    done()
-
+    with steps.step("generate synthetic phantoms (Kaggle layout)"):
+        data = phantoms.generate_dataset(out / "data", counts=plan.counts, size=plan.image_size, seed=seed, sixteen_bit_fraction=0.1)
+        artefacts["data"] = str(data)
+    run_dirs = [_train(data, arch, out, plan, seed, steps, artefacts) for arch in archs]
+    with steps.step("evaluate the Keras runs on the test split"):
+        for run_dir in run_dirs:
+            metrics = evaluate_run(run_dir, data / "test", out / "evaluation" / f"keras_{run_dir.name}")
+            evaluations[f"keras {run_dir.name}"] = _said(run_dir.name, metrics, progress)
+        artefacts["evaluation"] = str(out / "evaluation")
+    with steps.step("export to ONNX with parity, int8 with accuracy check, bundle"):
+        bundle = export_runs(run_dirs, out / "bundle", BundleOptions(int8=Int8Options(enabled=True), name="demo"), progress=progress)
+        artefacts["bundle"] = str(bundle.bundle_dir)
+    with steps.step("evaluate the bundle with the runtime (fp32 and int8)"):
+        for precision in ("fp32", "int8"):
+            metrics = evaluate_model(bundle.bundle_dir, data / "test", out / "evaluation" / f"bundle_{precision}", precision=precision)
+            evaluations[f"bundle {precision}"] = _said(f"bundle {precision}", metrics, progress)
+    with steps.step("run the runtime on example images"):
+        predictions = _predict_examples(bundle.bundle_dir, out / "examples", plan, quick, seed, progress)
+        artefacts["examples"] = str(out / "examples")
     report = {
         "notice": SYNTHETIC_NOTICE,
         "quick": quick,
-        "steps_seconds": {k: round(v, 2) for k, v in steps.items()},
+        "steps_seconds": {k: round(v, 2) for k, v in steps.seconds.items()},
         "artefacts": artefacts,
         "evaluations": {k: {kk: v.get(kk) for kk in ("accuracy", "roc_auc", "sensitivity", "specificity", "threshold", "images")} for k, v in evaluations.items()},
         "bundle": bundle.report(),
         "predictions": predictions,
     }
     artefacts["report"] = str(write_report_json(out / "demo_report.json", report))
-    return DemoResult(out, steps, artefacts, bundle, evaluations, predictions)
+    return DemoResult(out, steps.seconds, artefacts, bundle, evaluations, predictions)
+
+
+def _train(data: Path, arch: str, out: Path, plan: DemoPlan, seed: int, steps: _Steps, artefacts: dict[str, str]) -> Path:
+    with steps.step(f"train {arch}"):
+        result = train(
+            data, arch, out / "runs" / arch, plan.training(seed),
+            on_epoch=lambda e, n, logs: steps.progress(f"    epoch {e}/{n}: loss {logs.get('loss', 0):.3f}, val_loss {logs.get('val_loss', 0):.3f}, val_acc {logs.get('val_accuracy', 0):.3f}"),
+        )
+        artefacts[f"run {arch}"] = str(result.run_dir)
+    return result.run_dir
+
+
+def _said(name: str, metrics: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    progress(f"    {name}: accuracy {metrics['accuracy']:.3f}, ROC AUC {metrics['roc_auc'] or float('nan'):.3f}")
+    return metrics
+
+
+def _predict_examples(bundle: Path, folder: Path, plan: DemoPlan, quick: bool, seed: int, progress: Progress) -> list[dict[str, Any]]:
+    """Example phantoms run through the runtime, as `infer` would."""
+    if quick:
+        examples = phantoms.write_examples(folder, n=plan.examples, seed=seed + 7, size=plan.image_size, png_size=None)
+    else:
+        examples = phantoms.write_examples(folder, n=plan.examples, seed=seed + 7)
+    predictions = [p.to_dict() for p in pneumoedge.load(bundle).predict_many(examples)]
+    for p in predictions:
+        progress(f"    {Path(p['path']).name}: {p['label']} (p={p['probability']:.3f})")
+    return predictions

@@ -157,6 +157,30 @@ def score_text(labels: Sequence[str], units: int) -> str:
     return "logit of the predicted class"
 
 
+def default_opset(model: Any) -> int:
+    """The model's opset of the default ONNX domain (0 when none is declared)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+class _Graph:
+    """Appends pneumoedge's nodes and constants (names prefixed) to a graph."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(value, PREFIX + name))
+        return PREFIX + name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        from onnx import helper
+
+        self.graph.node.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+
 def add_heatmap_outputs(model: Any, spec: PreprocessSpec, labels: Sequence[str]) -> tuple[Any, dict[str, Any]]:
     """A copy of `model` with `pneumoedge_heatmap` and `pneumoedge_features` appended as outputs.
 
@@ -169,7 +193,7 @@ def add_heatmap_outputs(model: Any, spec: PreprocessSpec, labels: Sequence[str])
         (new model, the card's "explain" record). Raises HeatmapUnavailable for other heads.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     graph = model.graph
     taken = {o.name for o in graph.output} | {out for n in graph.node for out in n.output}
@@ -182,66 +206,57 @@ def add_heatmap_outputs(model: Any, spec: PreprocessSpec, labels: Sequence[str])
     if len(shape) != 4:
         raise HeatmapUnavailable(f"{NOT_AVAILABLE}: the pooled feature map has shape {shape}, not 4-D")
     channels, h, w = (shape[1], shape[2], shape[3]) if head.layout == "NCHW" else (shape[3], shape[1], shape[2])
-    units = head.weights.shape[1]
     if head.weights.shape[0] != channels:
         raise HeatmapUnavailable(f"{NOT_AVAILABLE}: linear weights {head.weights.shape} do not fit {channels} channels")
-    # The gradient of a logit with respect to A is W[:, k] / (h*w) at every position: keep the
-    # 1/(h*w) so that the map's values are Grad-CAM's, not only its shape.
-    per_position = head.weights / float(h * w)
-    out0 = graph.output[0].name
     new = onnx.ModelProto()
     new.CopyFrom(model)
-    g = new.graph
-
-    def const(name: str, value: np.ndarray) -> str:
-        g.initializer.append(numpy_helper.from_array(value, PREFIX + name))
-        return PREFIX + name
-
-    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
-        g.node.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
-
-    # Einsum (opset 12+) rather than MatMul: int8 quantization (which quantizes MatMul) then
-    # leaves the map's weighting in float, and the graph needs no transposes or reshapes.
-    einsum = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) >= 12
-    maps = "nchw" if head.layout == "NCHW" else "nhwc"
-    channels_last = head.feature_map
-    if head.layout == "NCHW" and not einsum:
-        channels_last = node("Transpose", [head.feature_map], PREFIX + "nhwc", perm=[0, 2, 3, 1])
-    if units <= 2:
-        vector = const("weights", (per_position[:, 0] if units == 1 else per_position[:, 1] - per_position[:, 0]).astype(np.float32))
-        if einsum:
-            raw = node("Einsum", [head.feature_map, vector], PREFIX + "raw", equation=f"{maps},c->nhw")
-        else:
-            raw = node("MatMul", [channels_last, vector], PREFIX + "raw")
-    else:
-        index = node("ArgMax", [out0], PREFIX + "class", axis=1, keepdims=0)
-        chosen = node("Gather", [const("weights", np.ascontiguousarray(per_position.T, dtype=np.float32)), index], PREFIX + "class_weights", axis=0)
-        if einsum:
-            raw = node("Einsum", [head.feature_map, chosen], PREFIX + "raw", equation=f"{maps},nc->nhw")
-        else:
-            column = node("Reshape", [chosen, const("column_shape", np.array([-1, 1, channels, 1], dtype=np.int64))], PREFIX + "class_column")
-            product = node("MatMul", [channels_last, column], PREFIX + "product")
-            raw = node("Reshape", [product, const("map_shape", np.array([-1, h, w], dtype=np.int64))], PREFIX + "raw")
-    node("Relu", [raw], HEATMAP_OUTPUT)
+    g = _Graph(new.graph)
+    raw = _weighted_map(g, head, graph.output[0].name, default_opset(model) >= 12, channels, h, w)
+    g.node("Relu", [raw], HEATMAP_OUTPUT)
     # The pooled features are computed again from the map rather than read from the graph's own
     # pooled tensor: a second consumer there, too, changes how onnxruntime optimises the head.
-    nchw = head.feature_map if head.layout == "NCHW" else node("Transpose", [head.feature_map], PREFIX + "nchw", perm=[0, 3, 1, 2])
-    pooled = node("GlobalAveragePool", [nchw], PREFIX + "pooled")
-    node("Flatten", [pooled], FEATURES_OUTPUT, axis=1)
+    nchw = head.feature_map if head.layout == "NCHW" else g.node("Transpose", [head.feature_map], PREFIX + "nchw", perm=[0, 3, 1, 2])
+    pooled = g.node("GlobalAveragePool", [nchw], PREFIX + "pooled")
+    g.node("Flatten", [pooled], FEATURES_OUTPUT, axis=1)
     batch: Any = fixed_batch if fixed_batch else (batch_dim.dim_param if batch_dim is not None and batch_dim.dim_param else "N")
-    g.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT, [batch, h, w]))
-    g.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, [batch, channels]))
+    new.graph.output.append(helper.make_tensor_value_info(HEATMAP_OUTPUT, TensorProto.FLOAT, [batch, h, w]))
+    new.graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, [batch, channels]))
     onnx.checker.check_model(new)
     explain = {
         "heatmap_output": HEATMAP_OUTPUT,
         "features_output": FEATURES_OUTPUT,
         "layer": head.feature_map,
-        "score": score_text(labels, units),
+        "score": score_text(labels, head.weights.shape[1]),
         "method": METHOD,
         "layout": head.layout,
         "map_size": [h, w],
     }
     log.info("heatmap outputs added: %s (%s, %dx%d, %d channels); %d nodes added",
-             head.feature_map, head.layout, h, w, channels, len(g.node) - len(graph.node))
+             head.feature_map, head.layout, h, w, channels, len(new.graph.node) - len(graph.node))
     return new, explain
+
+
+def _weighted_map(g: _Graph, head: GapLinearHead, out0: str, einsum: bool, channels: int, h: int, w: int) -> str:
+    """The un-rectified map: the feature map weighted by the explained score's gradient, (N, h, w)."""
+    # The gradient of a logit with respect to A is W[:, k] / (h*w) at every position: keep the
+    # 1/(h*w) so that the map's values are Grad-CAM's, not only its shape.
+    per_position = head.weights / float(h * w)
+    units = head.weights.shape[1]
+    # Einsum (opset 12+) rather than MatMul: int8 quantization (which quantizes MatMul) then
+    # leaves the map's weighting in float, and the graph needs no transposes or reshapes.
+    maps = "nchw" if head.layout == "NCHW" else "nhwc"
+    channels_last = head.feature_map
+    if head.layout == "NCHW" and not einsum:
+        channels_last = g.node("Transpose", [head.feature_map], PREFIX + "nhwc", perm=[0, 2, 3, 1])
+    if units <= 2:
+        vector = g.const("weights", (per_position[:, 0] if units == 1 else per_position[:, 1] - per_position[:, 0]).astype(np.float32))
+        if einsum:
+            return g.node("Einsum", [head.feature_map, vector], PREFIX + "raw", equation=f"{maps},c->nhw")
+        return g.node("MatMul", [channels_last, vector], PREFIX + "raw")
+    index = g.node("ArgMax", [out0], PREFIX + "class", axis=1, keepdims=0)
+    chosen = g.node("Gather", [g.const("weights", np.ascontiguousarray(per_position.T, dtype=np.float32)), index], PREFIX + "class_weights", axis=0)
+    if einsum:
+        return g.node("Einsum", [head.feature_map, chosen], PREFIX + "raw", equation=f"{maps},nc->nhw")
+    column = g.node("Reshape", [chosen, g.const("column_shape", np.array([-1, 1, channels, 1], dtype=np.int64))], PREFIX + "class_column")
+    product = g.node("MatMul", [channels_last, column], PREFIX + "product")
+    return g.node("Reshape", [product, g.const("map_shape", np.array([-1, h, w], dtype=np.int64))], PREFIX + "raw")

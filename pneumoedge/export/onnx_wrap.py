@@ -27,7 +27,7 @@ from pneumoedge.export.bundle_builder import BundleOptions, BundleResult, build_
 from pneumoedge.export.errors import ExportError, HeatmapUnavailable
 from pneumoedge.export.foreign import DECLARED_THRESHOLD, foreign_member, foreign_provenance, refuse_reduced_decode, single_file
 from pneumoedge.export.heads import card_for, check_probabilities
-from pneumoedge.export.onnx_cam import PREFIX, add_heatmap_outputs
+from pneumoedge.export.onnx_cam import PREFIX, add_heatmap_outputs, default_opset
 from pneumoedge.export.report import Progress, quiet
 from pneumoedge.export.tensors import image_files, reference_tensors
 from pneumoedge.preprocessing import PreprocessSpec
@@ -83,10 +83,6 @@ def load_onnx(path: Union[str, Path]) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{path}: the ONNX checker rejects this model: {first}") from None
     return model
-
-
-def default_opset(model: Any) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _dims(value_info: Any) -> list[Union[int, str, None]]:
