@@ -8,7 +8,7 @@ multipart for DURATION seconds; requests/s, latency percentiles, errors, the ser
 time, and /healthz latency during the load. Baseline: `pneumoedge infer` images/s over a folder
 of the same JPEGs. Faults, each followed by a normal request that must succeed: client
 disconnects mid-upload, a 2 GB Content-Length with a trickle body, malformed multipart,
-100 requests past the queue limit (slots held by stalled uploads: 503s, then recovery), a
+100 requests at once beside stalled uploads (which hold connections, not queue slots), a
 corrupted DICOM. Clients and server share this machine's cores (stated in the output).
 Bounded: one server, loopback only, about DURATION + 30 s in all.
 """
@@ -231,7 +231,8 @@ def faults(url: str, port: int, body: bytes, queue_limit: int) -> list[tuple[str
     # 3. Malformed multipart.
     broken = httpx.post(f"{url}/api/v1/predict", content=b"--x\r\nno headers, no end", headers={"Content-Type": "multipart/form-data; boundary=x"})
     rows.append(("malformed multipart", f"{broken.status_code}: {broken.json()['detail'][:60]}", ok(url, body)))
-    # 4. Every slot held by a stalled upload, then 100 requests past the limit, then recovery.
+    # 4. As many stalled uploads as queue slots (since issue 19 they hold no slot: a slot is taken
+    #    only once a body is read), then 100 requests at once (past --max-connections: 503), then recovery.
     stalled = []
     for _ in range(queue_limit):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -254,7 +255,7 @@ def faults(url: str, port: int, body: bytes, queue_limit: int) -> list[tuple[str
     time.sleep(0.5)
     recovered = all(ok(url, body) for _ in range(10))
     rows.append((
-        f"{queue_limit} stalled uploads hold every slot, then 100 requests",
+        f"{queue_limit} stalled uploads (holding connections, not slots), then 100 requests",
         ", ".join(f"{n} x {c}" for c, n in sorted(codes.items())) + f" (Retry-After {', '.join(sorted(retry)) or '-'})",
         recovered,
     ))
