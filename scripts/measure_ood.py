@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -212,60 +212,101 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def measure(args: argparse.Namespace, work: Path) -> int:
-    import pneumoedge
-    from pneumoedge.bundle import BundleError
-    from pneumoedge.datasets.foreign import FOREIGN_KINDS, write_foreign
-    from pneumoedge.datasets.phantoms import generate_dataset
+    """Generate held-out phantoms and foreign images, score them all, print and write the figures."""
+    from pneumoedge.datasets.foreign import FOREIGN_KINDS
 
     started = time.perf_counter()
-    try:
-        ensemble = pneumoedge.load(args.model, precision=args.precision, threads=args.threads)
-    except (BundleError, OSError, ValueError) as exc:
-        return _fail(f"cannot load model {args.model or '(default bundle)'}: {exc}")
-    if not getattr(ensemble, "can_flag_ood", False):
-        return _fail(f"{args.model or 'the default bundle'} carries no out-of-distribution statistics: nothing to measure "
-                     "(re-export it with statistics; no score is invented)")
+    ensemble, failure = _load(args)
+    if ensemble is None:
+        return failure
     training_seed = _training_seed(ensemble)
     if training_seed is not None and training_seed == args.seed:
         return _fail(f"--seed {args.seed} is the seed of the bundle's training phantoms: held-out images must differ; choose another")
-
     log.info("generating %d held-out phantoms and %d images of each of %d foreign kinds in %s", args.heldout, args.per_kind, len(FOREIGN_KINDS), work)
+    groups_of, foreign_kinds, sweep = _images(args, work)
+    generated_s = time.perf_counter() - started
+    predict_started = time.perf_counter()
+    scores = _score(ensemble, groups_of, foreign_kinds, sweep, args.batch_size)
+    predict_s = time.perf_counter() - predict_started
+    for line in scores.errors:
+        print(f"measure_ood: unreadable: {line}", file=sys.stderr)
+    if sum(len(f) for f, _ in scores.groups.values()) == 0:
+        return _fail("the model gave no ood_score for any image: it carries no usable out-of-distribution statistics (no score is invented)")
+    if scores.unscored:
+        print(f"measure_ood: {len(scores.unscored)} ok rows without an ood score (left out of the figures): {', '.join(scores.unscored[:5])}", file=sys.stderr)
+    seconds = {"generate": round(generated_s, 1), "predict": round(predict_s, 1), "total": round(time.perf_counter() - started, 1)}
+    result, figures, sweep_figures = _result(args, ensemble, scores, sweep, training_seed, seconds, len(groups_of) / predict_s if predict_s > 0 else None)
+    _print(result, figures, sweep_figures, len(groups_of))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 1 if scores.errors else 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, int]:
+    """(the ensemble, 0), or (None, exit code) when it cannot be loaded or has no statistics."""
+    import pneumoedge
+    from pneumoedge.bundle import BundleError
+
+    try:
+        ensemble = pneumoedge.load(args.model, precision=args.precision, threads=args.threads)
+    except (BundleError, OSError, ValueError) as exc:
+        return None, _fail(f"cannot load model {args.model or '(default bundle)'}: {exc}")
+    if not getattr(ensemble, "can_flag_ood", False):
+        return None, _fail(f"{args.model or 'the default bundle'} carries no out-of-distribution statistics: nothing to measure "
+                           "(re-export it with statistics; no score is invented)")
+    return ensemble, 0
+
+
+def _images(args: argparse.Namespace, work: Path) -> tuple[list[tuple[str, Path]], list[str], list[tuple[str, Path]]]:
+    """(group, file) of every image to score, the foreign kinds, and the sweep's (group, file)."""
+    from pneumoedge.datasets.foreign import write_foreign
+    from pneumoedge.datasets.phantoms import generate_dataset
+
     heldout_root = generate_dataset(work / "heldout", counts=_heldout_counts(args.heldout), size=args.size, seed=args.seed,
                                     sixteen_bit_fraction=SIXTEEN_BIT_FRACTION)
     heldout = sorted(p for p in (heldout_root / "test").rglob("*") if p.suffix in (".jpeg", ".png"))
     foreign = write_foreign(work / "foreign", per_kind=args.per_kind, size=args.size, seed=args.seed)
     sweep = _write_sweep([p for p in heldout if p.suffix == ".jpeg"][: args.sweep], work / "sweep") if args.sweep else []
-    generated_s = time.perf_counter() - started
-
     groups_of = [("heldout", p) for p in heldout] + [(kind, p) for kind, paths in foreign.items() for p in paths] + sweep
-    groups: dict[str, tuple[list[bool], list[float]]] = {"heldout": ([], []), **{k: ([], []) for k in foreign}, **{g: ([], []) for g, _ in sweep}}
-    by_class: dict[str, tuple[list[bool], list[float]]] = {}
-    errors, unscored = [], []
-    predict_started = time.perf_counter()
-    for i, ((group, path), prediction) in enumerate(zip(groups_of, ensemble.predict_many([p for _, p in groups_of], batch_size=args.batch_size)), 1):
+    return groups_of, list(foreign), sweep
+
+
+class _Scores(NamedTuple):
+    groups: dict[str, tuple[list[bool], list[float]]]
+    by_class: dict[str, tuple[list[bool], list[float]]]
+    errors: list[str]
+    unscored: list[str]
+
+
+def _score(ensemble: Any, groups_of: list[tuple[str, Path]], foreign_kinds: list[str], sweep: list[tuple[str, Path]], batch_size: int) -> _Scores:
+    """Each group's flags and scores (held-out ones also by class), unreadable files and unscored rows."""
+    groups: dict[str, tuple[list[bool], list[float]]] = {"heldout": ([], []), **{k: ([], []) for k in foreign_kinds}, **{g: ([], []) for g, _ in sweep}}
+    scores = _Scores(groups, {}, [], [])
+    for i, ((group, path), prediction) in enumerate(zip(groups_of, ensemble.predict_many([p for _, p in groups_of], batch_size=batch_size)), 1):
         if prediction.status != "ok":
-            errors.append(f"{path.name}: {prediction.error}")
+            scores.errors.append(f"{path.name}: {prediction.error}")
         elif prediction.ood_score is None or prediction.ood is None:
-            unscored.append(path.name)
+            scores.unscored.append(path.name)
         else:
             groups[group][0].append(bool(prediction.ood))
             groups[group][1].append(float(prediction.ood_score))
             if group == "heldout":
-                flags, scores = by_class.setdefault(path.parent.name, ([], []))
+                flags, values = scores.by_class.setdefault(path.parent.name, ([], []))
                 flags.append(bool(prediction.ood))
-                scores.append(float(prediction.ood_score))
+                values.append(float(prediction.ood_score))
         if i % 100 == 0 or i == len(groups_of):
             log.info("%d/%d images scored", i, len(groups_of))
-    predict_s = time.perf_counter() - predict_started
-    if errors:
-        for line in errors:
-            print(f"measure_ood: unreadable: {line}", file=sys.stderr)
-    scored = sum(len(f) for f, _ in groups.values())
-    if scored == 0:
-        return _fail("the model gave no ood_score for any image: it carries no usable out-of-distribution statistics (no score is invented)")
-    if unscored:
-        print(f"measure_ood: {len(unscored)} ok rows without an ood score (left out of the figures): {', '.join(unscored[:5])}", file=sys.stderr)
+    return scores
 
+
+def _result(
+    args: argparse.Namespace, ensemble: Any, scores: _Scores, sweep: list[tuple[str, Path]], training_seed: Optional[int],
+    seconds: dict[str, float], images_per_second: Optional[float],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The JSON record, the figures per group and the sweep's figures."""
+    groups = scores.groups
     sweep_groups = {g for g, _ in sweep}
     figures = summarise({k: v for k, v in groups.items() if k not in sweep_groups})
     sweep_figures = summarise({"heldout": groups["heldout"], **{g: groups[g] for g in dict.fromkeys(g for g, _ in sweep)}}) if sweep else {}
@@ -282,33 +323,32 @@ def measure(args: argparse.Namespace, work: Path) -> int:
         "heldout_phantoms": {"generator": f"pneumoedge.datasets.phantoms.generate_dataset(seed={args.seed}, counts={_heldout_counts(args.heldout)}, "
                                           f"size={args.size}, sixteen_bit_fraction={SIXTEEN_BIT_FRACTION})",
                              "training_seed": training_seed,
-                             "by_class": {k: {"images": len(f), "flagged": int(np.sum(f)), **score_summary(s)} for k, (f, s) in sorted(by_class.items())}},
+                             "by_class": {k: {"images": len(f), "flagged": int(np.sum(f)), **score_summary(s)} for k, (f, s) in sorted(scores.by_class.items())}},
         "foreign_images": f"pneumoedge.datasets.foreign.write_foreign(per_kind={args.per_kind}, size={args.size}, seed={args.seed})",
         "false_alarm_target": FALSE_ALARM_TARGET,
         "figures": figures,
         **({"sweep": {"what": f"the first {args.sweep} held-out JPEG phantoms changed by one step each: blur sigma in % of the width, "
                               "gain (pixel values multiplied, clipped), Gaussian noise sigma in grey levels, gamma exponent",
                       "figures": {g: v for g, v in sweep_figures.items() if g != "heldout"}}} if sweep else {}),
-        "unreadable": len(errors),
-        "unscored": len(unscored),
+        "unreadable": len(scores.errors),
+        "unscored": len(scores.unscored),
         "machine": _machine(),
-        "seconds": {"generate": round(generated_s, 1), "predict": round(predict_s, 1), "total": round(time.perf_counter() - started, 1)},
-        "images_per_second": round(len(groups_of) / predict_s, 2) if predict_s > 0 else None,
+        "seconds": seconds,
+        "images_per_second": round(images_per_second, 2) if images_per_second else None,
         "command": " ".join(["python scripts/measure_ood.py", *sys.argv[1:]]),
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    return result, figures, sweep_figures
+
+
+def _print(result: dict[str, Any], figures: dict[str, Any], sweep_figures: dict[str, Any], images: int) -> None:
     print(format_table(figures))
-    if sweep:
+    if sweep_figures:
         print("\ngraded changes of held-out phantoms:\n" + format_table({g: v for g, v in sweep_figures.items() if g != "heldout"}))
     fa = figures["heldout"]["false_alarm_rate"]
     print(f"false alarms on held-out phantoms: {fa:.1%} (target <= {FALSE_ALARM_TARGET:.0%}); "
           f"statistics: {', '.join(str(e.get('member')) + ': ' + str(e.get('reference_images')) + ' reference images' for e in result['statistics'])}")
-    print(f"{len(groups_of)} images in {result['seconds']['total']:.0f} s on {result['machine'].get('cpu')}; {NOTICE}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
-    return 1 if errors else 0
+    print(f"{images} images in {result['seconds']['total']:.0f} s on {result['machine'].get('cpu')}; {NOTICE}")
 
 
 def _fmt(value: Optional[float], pattern: str) -> str:

@@ -19,6 +19,8 @@ from pneumoedge.export.report import write_report_json
 from pneumoedge.preprocessing import PreprocessSpec
 
 
+# Long only by its signature: each parameter is one of the verb's documented options (kept as they were);
+# the body parses them into BundleOptions, makes one call (export_models) and prints.
 def export_command(
     models: Annotated[List[Path], typer.Argument(help="Run folders from `train` (one bundle, an ensemble when several), or ONE foreign .keras/.h5 file, SavedModel folder or .onnx file (PyTorch or any framework: wrapped unchanged, see docs/pytorch.md).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (or, for a foreign model, a single .onnx file).", show_default=False)],
