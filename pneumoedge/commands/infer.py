@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 from rich.table import Table
@@ -70,6 +71,22 @@ def infer(
     overlay_size: Annotated[
         int, typer.Option(min=128, help="Largest longest side of each overlay PNG, in pixels (never beyond what the model decoded, unless tiny).")
     ] = 768,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help='Where predictions run: local (this process) or ray (Ray Data workers, one model each, same rows; '
+            'pip install "pneumoedge[ray]"; see docs/scale.md). --threads is then CPUs per worker.'
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray-address",
+            help="With --engine ray: join this cluster (head HOST:PORT; every node must see the inputs and the model at the same paths). "
+            "Default: a private local Ray on 127.0.0.1, stopped when the run ends.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Classify chest X-ray images; write one row per input file.
 
@@ -89,10 +106,11 @@ def infer(
         if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
             raise UserError(f"--heatmaps {heatmaps}: exists and is not a folder")
         writer = ResultWriter(fmt, ensemble.labels, [m.name for m in ensemble.members])
+        runner = _engine(engine, ray_address, ensemble, model_arg(model), device.lower(), batch or ensemble.configuration.batch, threads, heatmaps)
         show = stderr.is_terminal if progress is None else progress
-        with folder_progress(stderr, show) as on_row:
+        with folder_progress(stderr, show) as on_row, _ray_errors():
             summary = run_folder(
-                ensemble,
+                runner,
                 inputs,
                 writer=writer,
                 out=out,
@@ -110,6 +128,33 @@ def infer(
         sources = "; ".join(f"{name}: {how}" for name, how in ensemble.map_sources().items())
         stderr.print(f"heatmaps: {summary.overlays} overlays in {heatmaps} ({sources})", highlight=False, soft_wrap=True)
     raise typer.Exit(summary.exit_code)
+
+
+def _engine(name: str, address: Optional[str], ensemble, model, device: str, batch: int, threads: Optional[int], heatmaps: Optional[Path]):
+    """The ensemble itself (run here) or a Ray engine for it (pneumoedge.runtime.ray_engine)."""
+    if name not in ("local", "ray"):
+        raise UserError(f"--engine must be local or ray, got {name!r}")
+    if name == "local":
+        if address is not None:
+            raise UserError("--ray-address needs --engine ray")
+        return ensemble
+    if heatmaps is not None:
+        raise UserError("--heatmaps runs with the local engine only (leave out --engine ray)")
+    from pneumoedge.runtime.ray_engine import engine_for
+
+    with _ray_errors():
+        return engine_for(ensemble, model, device=device, batch_size=batch, threads=threads, address=address)
+
+
+@contextlib.contextmanager
+def _ray_errors() -> Iterator[None]:
+    """The Ray engine's errors (Ray missing, cluster unreachable, paths not shared) as user errors."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__name__ != "RayEngineError":  # its module is imported only with --engine ray
+            raise
+        raise UserError(str(exc)) from None
 
 
 def _choose_format(fmt: Optional[str], out: Optional[Path]) -> str:
