@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional, Union
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typing_extensions import Annotated
 
 from pneumoedge.bundle import BundleError
@@ -85,7 +86,8 @@ def user_errors() -> Iterator[None]:
 
 
 def _fail(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: a message's own brackets (pip install "pneumoedge[export]") are text, not rich markup
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USAGE) from None
 
 
