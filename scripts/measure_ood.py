@@ -25,7 +25,6 @@ flag behaves on these generated images, not how it will behave on a clinic's X-r
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import re
@@ -213,6 +212,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 def measure(args: argparse.Namespace, work: Path) -> int:
     """Generate held-out phantoms and foreign images, score them all, print and write the figures."""
+    from pneumoedge.atomic import write_json_atomic
     from pneumoedge.datasets.foreign import FOREIGN_KINDS
 
     started = time.perf_counter()
@@ -239,7 +239,7 @@ def measure(args: argparse.Namespace, work: Path) -> int:
     _print(result, figures, sweep_figures, len(groups_of))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(args.out, result)
         print(f"wrote {args.out}")
     return 1 if scores.errors else 0
 
