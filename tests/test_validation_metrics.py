@@ -77,6 +77,8 @@ def test_auc_estimate_with_one_class_or_single_case():
     assert metrics.auc_estimate([1, 1, 1], [0.2, 0.4, 0.9]).value is None
     single = metrics.auc_estimate([0, 1, 1], [0.1, 0.5, 0.9])
     assert single.value == 1.0 and single.ci_low is None
+    separated = metrics.auc_estimate([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    assert separated.value == 1.0 and (separated.ci_low, separated.ci_high) == (None, None)  # no zero-width claim
 
 
 def test_images_for_width_is_the_smallest_that_reaches_the_width():
