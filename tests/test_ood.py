@@ -156,6 +156,25 @@ def test_tampered_statistics_are_refused(ood_bundle: Path, tmp_path: Path) -> No
         pneumoedge.load(ood_bundle)
 
 
+def test_big_statistics_are_hashed_once_and_a_changed_file_is_still_refused(ood_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    """Like a big member: the check of this very file is remembered; any change to it is not."""
+    from pneumoedge.runtime import ood
+
+    monkeypatch.setenv("PNEUMOEDGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ood, "OPTIMIZED_GRAPH_MIN_BYTES", 0)  # this small file counts as big
+    hashed = []
+    monkeypatch.setattr(ood, "check_digest", lambda *args: hashed.append(args[0]))
+    pneumoedge.load(ood_bundle)
+    pneumoedge.load(ood_bundle)
+    assert len(hashed) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("PNEUMOEDGE_CACHE_DIR", str(tmp_path / "cache"))
+    stats = OodStats.load(ood_bundle / "m.fp32.ood.npz")
+    OodStats(stats.mean, stats.precision, stats.threshold * 100).save(ood_bundle / "m.fp32.ood.npz")
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        pneumoedge.load(ood_bundle)
+
+
 def test_composed_bundles_keep_their_members_statistics(ood_bundle: Path, tmp_path: Path, reference_images: list[Path]) -> None:
     out = tmp_path / "composed"
     result = runner.invoke(app, ["bundle", "create", str(out), str(ood_bundle), str(ood_bundle.parent / "m.onnx"), "--weights", "3,1", "--threshold", "fixed:0.5"])
