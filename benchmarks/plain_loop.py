@@ -36,18 +36,22 @@ ROOT = Path(__file__).resolve().parent.parent
 ZOO = Path(os.environ.get("PNEUMOEDGE_ZOO", "/work/zoo"))
 
 # The plain loop, run with `python -c`: only cv2, numpy and onnxruntime. argv: folder, then
-# for each model file: path, height, width, gray(0/1), reduction, interpolation, scale, offset.
+# for each model file: path, height, width, gray(0/1), reduction, interpolation, scale, offset,
+# mean, std (comma-separated per channel, or "-").
 PLAIN_LOOP = r"""
 import sys, glob, cv2, numpy as np, onnxruntime as ort
 folder, rest = sys.argv[1], sys.argv[2:]
-models = [rest[i:i + 8] for i in range(0, len(rest), 8)]
+models = [rest[i:i + 10] for i in range(0, len(rest), 10)]
+norm = lambda text: None if text == "-" else np.array([float(v) for v in text.split(",")], np.float32)
 sessions = [(ort.InferenceSession(m[0], providers=["CPUExecutionProvider"]), int(m[1]), int(m[2]), m[3] == "1",
-             int(m[4]), int(m[5]), float(m[6]), float(m[7])) for m in models]
+             int(m[4]), int(m[5]), float(m[6]), float(m[7]), norm(m[8]), norm(m[9])) for m in models]
 flags = {1: cv2.IMREAD_UNCHANGED, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 for path in sorted(glob.glob(folder + "/*.jpeg")):
     img = cv2.imread(path, flags[sessions[0][4]] if sessions[0][3] else cv2.IMREAD_COLOR_RGB)  # members share a decode
-    for s, h, w, gray, red, interp, scale, offset in sessions:
+    for s, h, w, gray, red, interp, scale, offset, mean, std in sessions:
         x = cv2.resize(img.astype(np.float32), (w, h), interpolation=interp) * scale + offset
+        x = x if mean is None else x - mean
+        x = x if std is None else x / std
         s.run(None, {s.get_inputs()[0].name: x.reshape(1, h, w, -1)})
 """
 
@@ -124,10 +128,11 @@ def plain_args(bundle: Path) -> list[str]:
     args = []
     for member in manifest.members_for("fp32"):
         spec = member.card.spec
-        if spec.mean is not None or spec.std is not None or spec.layout != "NHWC":
-            raise SystemExit(f"{bundle}: the plain loop here handles scale/offset NHWC specs only")
+        if spec.layout != "NHWC":
+            raise SystemExit(f"{bundle}: the plain loop here handles NHWC specs only")
+        norm = ["-" if v is None else ",".join(repr(x) for x in v) for v in (spec.mean, spec.std)]
         args += [str(member.path), str(spec.height), str(spec.width), "1" if spec.color == "gray" else "0",
-                 str(spec.decode_reduction), str(RESIZE_METHODS[spec.resize]), repr(spec.scale), repr(spec.offset)]
+                 str(spec.decode_reduction), str(RESIZE_METHODS[spec.resize]), repr(spec.scale), repr(spec.offset), *norm]
     return args
 
 
