@@ -40,7 +40,9 @@ def bench(
 ) -> None:
     """Time a model on this computer: session creation, first inference, model-only latency
     (min/mean/std/p50/p90/p95/p99/max), preprocessing vs model time, end-to-end latency per
-    image, folder throughput, peak memory, provider, machine and library versions.
+    image, folder throughput, peak memory, provider, machine and library versions, and where
+    each millisecond of one image goes: decode, preprocess, model, out-of-distribution score,
+    heatmap, overlay PNG, result row.
 
     Figures are only as quiet as the computer: close other heavy programs first.
     """
