@@ -100,7 +100,7 @@ class SearchBudget:
     #: Quantized candidates built and checked in all (recipes, effect ranking, fp32-set growth).
     trials: int = 48
     #: Of those, at most this many rank nodes by their effect on the output.
-    rank_trials: int = 24
+    rank_trials: int = 16
     #: Images the ranking trials run on (the first ones of the check images); the candidates that
     #: can be chosen are always checked on all of them.
     rank_images: int = 16
