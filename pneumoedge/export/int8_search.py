@@ -3,7 +3,7 @@
 `quantize_int8` quantizes with the first recipe and compares it with the fp32 model on images:
 largest probability difference, label agreement, and with labelled data the accuracy/AUC
 change. Beside the first recipe it always tries a few others (`BASE_RECIPES`: the fast
-QOperator/reduce-range ones measured on AVX2, u8u8, symmetric s8s8). When none meets the
+QOperator/reduce-range ones measured on AVX2, matrix products only, u8u8, symmetric s8s8). When none meets the
 tolerance, it keeps in fp32 the nodes whose quantization moves the OUTPUT most:
 
 1. ranking by effect: only a group of nodes is quantized, everything else stays fp32, and the
@@ -59,7 +59,7 @@ from pneumoedge.validation.metrics import class_probabilities, classification_me
 log = logging.getLogger(__name__)
 
 #: Tried beside the first recipe before any node is kept in fp32 (in this order).
-BASE_RECIPES = (*SPEED_RECIPES, "u8u8", "s8s8_symmetric")
+BASE_RECIPES = (*SPEED_RECIPES, "u8s8_compute_only", "u8u8", "s8s8_symmetric")
 #: Nodes (the best-ranked not yet in fp32) each growth step tries leaving out.
 POOL = 4
 #: Groups of consecutive nodes the effect ranking starts from.
@@ -345,7 +345,7 @@ def rank_by_effect(state: _Search, base: Recipe) -> list[dict[str, Any]]:
     and the group with the largest effect is split in halves and both measured, until the trials
     are used or every leading group is one node. A node's effect is its smallest measured group's.
     """
-    nodes = quantizable_nodes(state.pre)
+    nodes = quantizable_nodes(state.pre, base.quantized_ops)
     names = [n for n, _ in nodes]
     op_types = dict(nodes)
     position = {n: i for i, n in enumerate(names)}

@@ -34,6 +34,8 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TYPES = ("uint8", "int8")
 #: Ops quantized. Sigmoid/Softmax (the probability) stay in float on purpose.
 OPS_TO_QUANTIZE = ("Conv", "MatMul", "Gemm", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool")
+#: The ops where int8 saves time (matrix products); the "compute_only" recipes quantize only these.
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,18 @@ class Recipe:
     #: Symmetric activation ranges (onnxruntime's ActivationSymmetric + CalibTensorRangeSymmetric):
     #: zero points at the middle, which int8 activations want.
     symmetric_activations: bool = False
+    #: Op types quantized (empty: OPS_TO_QUANTIZE). "Compute only" leaves Add/Mul/pools in float: the
+    #: products of swish and squeeze-excitation gates (EfficientNet) lose most in 8 bits, and they cost little.
+    op_types: tuple[str, ...] = ()
+
+    @property
+    def quantized_ops(self) -> tuple[str, ...]:
+        return self.op_types or OPS_TO_QUANTIZE
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["exclude"] = list(self.exclude)
+        data["op_types"] = list(self.op_types)
         return data
 
 
@@ -77,6 +87,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("u8s8_percentile", calibrate_method="percentile"),
         Recipe("u8u8_percentile", weight_type="uint8", calibrate_method="percentile"),
         Recipe("s8s8_symmetric", activation_type="int8", symmetric_activations=True),
+        Recipe("u8s8_compute_only", op_types=COMPUTE_OPS),
     )
 }
 DEFAULT_RECIPE = "u8s8"
@@ -258,14 +269,16 @@ def quantize_with(
         extra.update(ActivationSymmetric=True, CalibTensorRangeSymmetric=True)
     cache_file = None
     if cache is not None:
-        cache_file = Path(cache) / f"calibration-{recipe.calibrate_method}{'-symmetric' if recipe.symmetric_activations else ''}.json"
+        # The calibrator collects the tensors of the op types quantized: one cache per set of them too.
+        ops = "" if not recipe.op_types else "-" + "-".join(sorted(recipe.op_types)).lower()
+        cache_file = Path(cache) / f"calibration-{recipe.calibrate_method}{'-symmetric' if recipe.symmetric_activations else ''}{ops}.json"
     with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress to stdout
         _quantize_static(
             str(pre_path),
             str(out_path),
             _calibration_reader(calibration, name),
             quant_format=QuantFormat.QOperator if recipe.quant_format == "qoperator" else QuantFormat.QDQ,
-            op_types_to_quantize=list(OPS_TO_QUANTIZE),
+            op_types_to_quantize=list(recipe.quantized_ops),
             per_channel=recipe.per_channel,
             reduce_range=recipe.reduce_range,
             activation_type=types[recipe.activation_type],
@@ -284,11 +297,11 @@ def quantize_with(
     return Path(out_path)
 
 
-def quantizable_nodes(pre_path: Union[str, Path]) -> list[tuple[str, str]]:
-    """(name, op type) of the nodes a recipe may quantize, in graph (topological) order."""
+def quantizable_nodes(pre_path: Union[str, Path], op_types: tuple[str, ...] = OPS_TO_QUANTIZE) -> list[tuple[str, str]]:
+    """(name, op type) of the nodes of `op_types` (those a recipe may quantize), in graph (topological) order."""
     import onnx
 
-    return [(n.name, n.op_type) for n in onnx.load(str(pre_path)).graph.node if n.name and n.op_type in OPS_TO_QUANTIZE]
+    return [(n.name, n.op_type) for n in onnx.load(str(pre_path)).graph.node if n.name and n.op_type in op_types]
 
 
 def qdq_node_count(path: Union[str, Path]) -> int:
