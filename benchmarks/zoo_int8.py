@@ -86,8 +86,8 @@ def measure(name: str, bundle: Path, data: Path, work: Path, repeats: int, calib
     else:
         reasons = []
         if not accurate:
-            reasons.append(f"no candidate met max |dp| <= 0.05 with full label agreement in {result.trials} trials "
-                           f"(closest: {chosen.recipe.name}, max |dp| {chosen.max_prob_diff:.3f}, agreement {chosen.agreement:.3f})")
+            reasons.append(f"no candidate met max abs dp <= 0.05 with full label agreement in {result.trials} trials "
+                           f"(closest: {chosen.recipe.name}, max abs dp {chosen.max_prob_diff:.3f}, agreement {chosen.agreement:.3f})")
         elif not few:
             reasons.append(f"it needs {chosen.fp32_nodes} nodes in fp32 (more than a handful, {HANDFUL})")
         if not fast:
@@ -161,12 +161,18 @@ def _section(rows: list[dict]) -> str:
             f"| {lat['int8_b1']:.1f} [{sp['int8_b1'][0]:.1f}-{sp['int8_b1'][1]:.1f}] | {r['ratio_b1']:.2f} "
             f"| {lat['fp32_b8']:.1f} | {lat['int8_b8']:.1f} | {r['ratio_b8']:.2f} | {r['max_prob_diff']:.4f} | {r['agreement']:.3f} "
             f"| {r['fp32_nodes']} of {r['quantizable_nodes']} | {'-' if full is None else format(full['max_prob_diff'], '.3f')} "
-            f"| {r['search_seconds']:.0f} ({r['trials']}) | {r['verdict']} |"
+            f"| {r['search_seconds']:.0f} ({r['trials']}) | {r['verdict'].replace('|dp|', 'abs dp')} |"
         )
     lines += ["", "Which nodes decide (top of each effect ranking: node, op, position among quantizable nodes, effect = RMS of dp on 16 images when only it (or its group) is quantized):", ""]
     for r in rows:
         top = ", ".join(_ranked(t) for t in r["top_ranked"][:4])
         lines.append(f"- {r['model']}: {top or 'no ranking (a plain recipe met the tolerance)'}")
+    lines += ["", "Trade-off curve of each search (nodes kept in fp32: max |dp| / label agreement / batch-1 latency ms, timed during",
+              "the search; the base recipe, then one node more per step):", ""]
+    for r in rows:
+        points = "; ".join(f"{p['fp32_nodes']}: {p['max_prob_diff']:.3f} / {p['agreement']:.2f} / "
+                           f"{'-' if p['latency_ms'] is None else format(p['latency_ms'], '.1f')}" for p in r["curve"])
+        lines.append(f"- {r['model']}: {points or 'no node search (a base recipe met the tolerance, or none could be ranked)'}")
     machines = sorted({f"{r['cpu']} ({r['cpu_flags']})" for r in rows})
     loads = ", ".join(f"{r['model']} {r['load_average']['before'][0]}->{r['load_average']['after'][0]}" for r in rows)
     lines += ["", f"Machine: {'; '.join(machines)}. Load average (1 min) before->after each model: {loads}.",
