@@ -506,9 +506,11 @@ class RayEngine:
 
 def engine_for(ensemble: Any, model: Any, *, device: str, batch_size: int, threads: Optional[int], address: Optional[str]) -> RayEngine:
     """A RayEngine running `model` as `ensemble` was loaded here (its precision), `threads` CPUs per worker."""
+    if device not in ("cpu", "auto"):  # actors ask Ray for CPUs only; GPU workers would need num_gpus and a test
+        raise RayEngineError("--engine ray runs on CPUs only; leave out --device (or use the local engine for CUDA)")
     configuration = getattr(ensemble, "configuration", None)
     precision = configuration.precision if configuration is not None else "auto"
-    return RayEngine(model, device=device, precision=precision, batch_size=batch_size, address=address, cpus_per_worker=threads or 1)
+    return RayEngine(model, device="cpu", precision=precision, batch_size=batch_size, address=address, cpus_per_worker=threads or 1)
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--head":
