@@ -284,25 +284,26 @@ def _serve_head(num_cpus: int, temp_dir: str) -> None:
     import shutil
 
     os.environ.update(LOOPBACK_ENV)
-    ray = import_ray()
     finished = threading.Event()
-
-    def stop(*_: Any) -> None:
-        finished.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    ray.init(
-        num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-        _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
-    )
-    print(json.dumps({"address": ray.get_runtime_context().gcs_address}), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: finished.set())
+    # Watch the pipe from the start: a driver killed while Ray is starting is noticed too.
     threading.Thread(target=lambda: (sys.stdin.read(), finished.set()), daemon=True).start()
-    finished.wait()
-    # Ray's own shutdown first; whatever it leaves (agents notice a dead raylet only after a
-    # minute) is killed with the session, by a timer should the shutdown itself hang.
-    threading.Timer(20.0, _kill_session, args=(os.getsid(0),)).start()
     try:
+        ray = import_ray()
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+            _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
+        )
+        print(json.dumps({"address": ray.get_runtime_context().gcs_address}), flush=True)
+        finished.wait()
+        # Ray's own shutdown first; whatever it leaves (agents notice a dead raylet only after a
+        # minute) is killed with the session, by a timer should the shutdown itself hang.
+        threading.Timer(20.0, _kill_session, args=(os.getsid(0),)).start()
         ray.shutdown()
+    except BrokenPipeError:  # the driver went before the address could be handed over
+        pass
+    except Exception as exc:  # one line for the driver's error message, not a traceback
+        print(f"{_short(exc)}", file=sys.stderr, flush=True)
     finally:
         _kill_session(os.getsid(0))
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -374,7 +375,7 @@ class RayEngine:
             self.close()
             raise RayEngineError(f"the Ray cluster has {cpus} CPUs; each worker needs {cpus_per_worker}")
         self.start_s = time.perf_counter() - started
-        self.provider = f"ray: {self.workers} workers x {cpus_per_worker} CPU"
+        self.provider = f"ray: {self.workers} workers x {cpus_per_worker} CPU, CPUExecutionProvider"
 
     def _set_env(self, address: Optional[str]) -> None:
         env = dict(LOOPBACK_ENV) if is_loopback(address) else {"RAY_USAGE_STATS_ENABLED": "0"}
