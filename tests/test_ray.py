@@ -326,3 +326,24 @@ def test_clear_errors_without_ray_or_without_a_cluster(bundle: Path, tmp_path: P
     missing = _infer(str(tmp_path), "-m", str(bundle), "--engine", "ray", env={"PYTHONPATH": str(blocker)}, timeout=60)
     assert missing.returncode == 2 and 'pip install "pneumoedge[ray]"' in missing.stderr, missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_a_bundle_changed_after_the_driver_loaded_it_fails_on_the_workers(cluster, ray_env, bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pneumoedge.runtime.ray_engine import RayEngine, RayEngineError
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    folder = _images(tmp_path / "in", 3)
+    engine = RayEngine(copy, address=cluster.address)
+    try:
+        member = copy / "gray.onnx" if (copy / "gray.onnx").exists() else next(copy.glob("*.onnx"))
+        data = bytearray(member.read_bytes())
+        data[-1] ^= 0xFF  # same size, other bytes: only the checksum can tell
+        member.write_bytes(bytes(data))
+        with pytest.raises(RayEngineError, match="sha256|checksum|changed") as failure:
+            list(engine.predict(sorted(folder.iterdir())))
+        print(failure.value)
+    finally:
+        engine.close()
