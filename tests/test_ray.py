@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def cluster(ray_env, tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     nodes.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def tempfile_short() -> str:
@@ -329,8 +331,6 @@ def test_clear_errors_without_ray_or_without_a_cluster(bundle: Path, tmp_path: P
 
 
 def test_a_bundle_changed_after_the_driver_loaded_it_fails_on_the_workers(cluster, ray_env, bundle: Path, tmp_path: Path) -> None:
-    import shutil
-
     from pneumoedge.runtime.ray_engine import RayEngine, RayEngineError
 
     copy = tmp_path / "bundle"
