@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from pneumoedge.atomic import write_atomic
 from pneumoedge.bundle import MANIFEST, Manifest
+from pneumoedge.int8_tolerance import Tolerance
 from pneumoedge.runtime.machine import FAST_INT8_FLAGS, CpuInfo, cache_dir, cpu_info
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ INT8_MARGIN = 0.05
 #: one run per core there (their weights and activations no longer fit a core's caches, and a
 #: batch on one core would make the first result wait). Measured in docs/speed.md.
 BIG_MODEL_BYTES = 8_000_000
-#: The accuracy tolerance the export applies (pneumoedge.export.quantization.Tolerance).
-_INT8_MAX_DIFF, _INT8_MIN_AGREEMENT = 0.05, 0.98
 
 
 @dataclass(frozen=True)
@@ -93,9 +92,7 @@ def int8_passed(manifest: Manifest) -> tuple[bool, str]:
     if not checks or any(c is not True for c in checks):
         return False, "the manifest does not show that the int8 members passed their accuracy check"
     ensemble = (provenance.get("metrics") or {}).get("int8_vs_fp32")
-    if isinstance(ensemble, dict) and (
-        ensemble.get("max_prob_diff", 1.0) > _INT8_MAX_DIFF or ensemble.get("agreement", 0.0) < _INT8_MIN_AGREEMENT
-    ):
+    if isinstance(ensemble, dict) and not Tolerance().holds(ensemble.get("max_prob_diff", 1.0), ensemble.get("agreement", 0.0)):
         return False, "the int8 ensemble missed the accuracy tolerance on validation data"
     return True, "every int8 member passed its accuracy check"
 
