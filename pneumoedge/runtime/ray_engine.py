@@ -113,8 +113,8 @@ class _Ledger:
 class _Worker:
     """A Ray Data actor: one loaded model; batches of paths in, finished rows (JSON) out."""
 
-    #: Set on a subclass per run (`_worker_class`): Ray keeps constructor arguments in its
-    #: object store and warns that restarts depend on them; class attributes travel with the class.
+    #: Set on a subclass per run (`_worker_class`), so the actor takes no constructor arguments
+    #: of ours: everything a restarted actor needs travels with its class.
     loader: Callable[[], Any]
     ledger: Any
     batch_size: int
