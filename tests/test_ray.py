@@ -141,12 +141,16 @@ def _close(a, b) -> bool:
 
 
 def _loopback_only(processes) -> list:
-    """The listening inet sockets of `processes`: each must be on a loopback address."""
+    """Every inet socket of `processes` (listening, UDP, connected: both ends) is on loopback."""
     pids = {p.pid for p in processes}
-    listening = [c for c in psutil.net_connections("inet") if c.pid in pids and c.status == psutil.CONN_LISTEN]
-    for conn in listening:
-        host = conn.laddr.ip.removeprefix("::ffff:")
-        assert ipaddress.ip_address(host).is_loopback, f"{psutil.Process(conn.pid).name()} listens on {conn.laddr}"
+    sockets = [c for c in psutil.net_connections("inet") if c.pid in pids]
+    for conn in sockets:
+        for address in (conn.laddr, conn.raddr):
+            if address:
+                host = address.ip.removeprefix("::ffff:")
+                assert ipaddress.ip_address(host).is_loopback, f"{psutil.Process(conn.pid).name()}: {conn}"
+    listening = [c for c in sockets if c.status == psutil.CONN_LISTEN]
+    assert listening, "no listening socket found: the check saw nothing"
     return listening
 
 
