@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -18,6 +18,9 @@ from pneumoedge.thresholds import ThresholdError
 from pneumoedge.validation.data import DataError
 from pneumoedge.validation.metrics import MetricsError
 from pneumoedge.validation.plots import INSTALL_HINT
+
+if TYPE_CHECKING:
+    from pneumoedge.validation.report import Validation
 
 
 def validate_command(
@@ -45,22 +48,28 @@ def validate_command(
 
     Exit codes: 0 report written; 1 report written, some files could not be read; 2 usage error.
     """
+    result = run_validate(bundle, data, out, device=device, precision=precision, threads=threads, batch_size=batch, workers=workers,
+                          prevalence=prevalence, width=width, site=site, site_threshold=site_threshold, gallery=gallery,
+                          overwrite=overwrite, progress=progress)
+    print_report(result.report, result.files)
+    raise typer.Exit(1 if result.report["data"]["unreadable"] else 0)
+
+
+def run_validate(bundle: Path, data: Path, out: Path, *, device: str = "cpu", threads: Optional[int] = None,
+                 progress: Optional[bool] = None, **options: Any) -> "Validation":
+    """`pneumoedge.validation.report.validate` with a progress bar and one-line errors (also `evaluate`'s, for bundles)."""
     from pneumoedge.validation.report import validate
 
     with user_errors(), decoder_messages_to_log():
         try:
             show = stderr.is_terminal if progress is None else progress
             with folder_progress(stderr, show, title="validate") as on_row:
-                result = validate(
-                    bundle, data, out, device=device.lower(), precision=precision, threads="auto" if threads is None else threads,
-                    batch_size=batch, workers=workers, prevalence=prevalence, width=width, site=site, site_threshold=site_threshold,
-                    gallery=gallery, overwrite=overwrite, progress=on_row,
-                    note=lambda text: stderr.print(escape(text), highlight=False, soft_wrap=True),
+                return validate(
+                    bundle, data, out, device=device.lower(), threads="auto" if threads is None else threads, progress=on_row,
+                    note=lambda text: stderr.print(escape(text), highlight=False, soft_wrap=True), **options,
                 )
         except (DataError, ThresholdError, SiteError, MetricsError) as exc:
             raise UserError(str(exc)) from None
-    _print(result.report, result.files)
-    raise typer.Exit(1 if result.report["data"]["unreadable"] else 0)
 
 
 def _ci(estimate: dict[str, Any]) -> str:
@@ -71,7 +80,8 @@ def _ci(estimate: dict[str, Any]) -> str:
     return f"{estimate['value']:.3f} ({estimate['ci_low']:.3f}–{estimate['ci_high']:.3f})"
 
 
-def _print(report: dict[str, Any], files: dict[str, str]) -> None:
+def print_report(report: dict[str, Any], files: dict[str, str]) -> None:
+    """The key numbers and where the report is, on standard error."""
     table = Table(title=f"pneumoedge validate: {escape(report['bundle']['name'])}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
