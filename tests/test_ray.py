@@ -64,7 +64,7 @@ def cluster(ray_env, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
-    from ray._common.utils import get_default_ray_temp_dir
+    from ray._common.utils import get_default_ray_temp_dir, reset_ray_address
 
     temp = tempfile_short()
     # Cluster writes the head's address into the default temp folder (/tmp/ray) without creating it.
@@ -77,6 +77,7 @@ def cluster(ray_env, tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     nodes.shutdown()
+    reset_ray_address()
     shutil.rmtree(temp, ignore_errors=True)
 
 
