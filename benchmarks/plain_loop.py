@@ -212,7 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--record", action="store_true", help="rewrite this script's section of benchmarks/RESULTS.md")
     parser.add_argument("--note", default="", help="conditions to record (other jobs running, ...)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="measure nothing: join these --json files (runs of the same protocol) for --record")
     options = parser.parse_args(argv)
+    if options.merge:
+        records = [json.loads(path.read_text()) for path in options.merge]
+        record = {**records[0], "results": [r for rec in records for r in rec["results"]],
+                  "stages": [s for rec in records for s in rec.get("stages", [])],
+                  "command": [c for rec in records for c in (rec["command"] + [";"])][:-1]}
+        if options.record:
+            write_section(ROOT / "benchmarks" / "RESULTS.md", render(record, options.note))
+        return 0
 
     from pneumoedge.runtime.machine import cpu_info
 
