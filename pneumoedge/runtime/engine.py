@@ -10,6 +10,9 @@ only turns a stream of image paths into `Prediction`s. Every engine must:
 - compute them with `Ensemble.predict_many` of a `pneumoedge.load(...)` of the same model,
   so every engine gives the same probabilities;
 - apply `postprocess` (e.g. writing an overlay PNG) to each ok prediction before yielding it;
+- iterate `paths` on the thread that iterates its result (`run_folder` writes the skipped and
+  error rows of non-images while `paths` is iterated; `ResultWriter` is not shared between
+  threads), and lazily: a folder of millions of files is never a list in memory;
 - release what it started (threads, processes, clusters) when `close()` is called or the
   iterator is exhausted.
 
