@@ -166,3 +166,18 @@ def test_search_is_the_same_on_a_slow_machine_and_a_cap_stops_it_loudly(export_b
     assert capped.trials < quiet.trials
     assert any("wall-clock cap of 1500 s" in w and "depends on the machine" in w for w in capped.warnings)
     assert capped.to_dict()["budget"]["time_limit_s"] == 1500.0
+
+
+def test_int8_that_is_not_fast_enough_is_refused_when_speed_is_asked(export_base: Path) -> None:
+    pytest.importorskip("tensorflow")
+    from pneumoedge.export.errors import QuantizationError
+    from pneumoedge.export.int8_search import quantize_int8
+    from pneumoedge.int8_tolerance import Tolerance
+
+    fp32, calib = tiny_onnx(export_base).onnx_path, _calibration(export_base)[:8]
+    loose = Tolerance(max_prob_diff=1.0, min_agreement=0.0)
+    with pytest.raises(QuantizationError, match="fp32's latency"):  # no int8 model runs in no time
+        quantize_int8(fp32, export_base / "slow.onnx", calib, tolerance=loose, search=False, max_latency_ratio=0.0)
+    warned = quantize_int8(fp32, export_base / "slow.onnx", calib, tolerance=loose, search=False, max_latency_ratio=0.0, on_fail="warn")
+    assert not warned.ok and any("above the 0x asked" in w for w in warned.warnings)
+    assert quantize_int8(fp32, export_base / "fine.onnx", calib, tolerance=loose, search=False, max_latency_ratio=1e9).ok
