@@ -121,6 +121,9 @@ def measure(name: str, bundle: Path, data: Path, work: Path, repeats: int, calib
         "budget": result.to_dict()["budget"],
         "curve": result.curve,
         "top_ranked": result.ranking[:8],
+        # Where the head's matrix products and the first convolution land in the effect ranking (DESIGN: entry layers and MatMuls matter).
+        "matmul_ranks": [i + 1 for i, r in enumerate(result.ranking) if r["op_type"] in ("MatMul", "Gemm")],
+        "first_conv_rank": next((i + 1 for i, r in enumerate(result.ranking) if r["position"] == 0), None),
         "tried": [{"recipe": c.recipe.name, "fp32_nodes": c.fp32_nodes, "max_prob_diff": c.max_prob_diff, "agreement": c.agreement} for c in result.tried if c.error is None],
         "warnings": result.warnings,
         "verdict": verdict,
@@ -166,7 +169,9 @@ def _section(rows: list[dict]) -> str:
     lines += ["", "Which nodes decide (top of each effect ranking: node, op, position among quantizable nodes, effect = RMS of dp on 16 images when only it (or its group) is quantized):", ""]
     for r in rows:
         top = ", ".join(_ranked(t) for t in r["top_ranked"][:4])
-        lines.append(f"- {r['model']}: {top or 'no ranking (a plain recipe met the tolerance)'}")
+        where = (f"; first quantizable node ranked {r.get('first_conv_rank') or '-'}, head MatMul/Gemm ranked "
+                 f"{', '.join(map(str, r.get('matmul_ranks') or [])) or '-'} of {r['quantizable_nodes']}") if "matmul_ranks" in r else ""
+        lines.append(f"- {r['model']}: {top or 'no ranking (a plain recipe met the tolerance)'}{where}")
     lines += ["", "Trade-off curve of each search (nodes kept in fp32: max |dp| / label agreement / batch-1 latency ms, timed during",
               "the search; the base recipe, then one node more per step):", ""]
     for r in rows:
