@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-repeats", type=int, default=2, help="alternating runs for folders of more than 100 images")
     parser.add_argument("--infer-args", default="", help="extra arguments for pneumoedge infer, e.g. '--threads 2'")
     parser.add_argument("--stages", action="store_true", help="also measure bench's per-image stage costs of each model")
+    parser.add_argument("--stages-only", action="store_true", help="measure only the stage costs (no whole-process runs)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--record", action="store_true", help="rewrite this script's section of benchmarks/RESULTS.md")
     parser.add_argument("--note", default="", help="conditions to record (other jobs running, ...)")
@@ -216,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.merge:
         records = [json.loads(path.read_text()) for path in options.merge]
-        record = {**records[0], "results": [r for rec in records for r in rec["results"]],
-                  "stages": [s for rec in records for s in rec.get("stages", [])],
+        results = {(r["model"], r["images"]): r for rec in records for r in rec["results"]}  # a later file's figure wins
+        stages = {s["model"]: s for rec in records for s in rec.get("stages", [])}
+        record = {**records[0], "results": list(results.values()), "stages": list(stages.values()),
                   "command": [c for rec in records for c in (rec["command"] + [";"])][:-1]}
         if options.record:
             write_section(ROOT / "benchmarks" / "RESULTS.md", render(record, options.note))
@@ -233,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = models(options.models)
     results, stage_rows = [], []
     for name, bundle in chosen:
-        for count in counts:
+        for count in [] if options.stages_only else counts:
             repeats = options.repeats if count <= 100 else options.large_repeats
             results.append(compare(name, bundle, folders[count], count, repeats, extra))
-        if options.stages:
+        if options.stages or options.stages_only:
             stage_rows.append(stages(name, bundle, folders[counts[0]]))
     record = {"machine": cpu.to_dict(), "counts": counts, "repeats": options.repeats, "large_repeats": options.large_repeats,
               "results": results, "stages": stage_rows,
