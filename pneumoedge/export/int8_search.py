@@ -14,7 +14,8 @@ tolerance, it keeps in fp32 the nodes whose quantization moves the OUTPUT most:
    node ranked last by it (issue 18).
 2. the fp32 set grows one node at a time: each step leaves out, in turn, each of the `POOL`
    best-ranked nodes not yet in fp32 (checked on all images) and keeps the one that helps most,
-   until the tolerance holds; then the same nodes on the other base recipes. On a CPU with fast
+   until the tolerance holds (or `STALE_STEPS` steps in a row bring nothing better); then the
+   same nodes on the other base recipes. On a CPU with fast
    int8 kernels (VNNI/AMX: u8 x s8 products) the growth builds on a u8s8 recipe: on the zoo's
    Xception a u8u8 member met the tolerance with one node in fp32 but ran no faster than fp32,
    while u8s8 members ran at about half of fp32's latency.
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 BASE_RECIPES = (*SPEED_RECIPES, "u8s8_compute_only", "u8u8", "s8s8_symmetric")
 #: Nodes (the best-ranked not yet in fp32) each growth step tries leaving out.
 POOL = 4
+#: Growth steps in a row without a better candidate after which the growth stops.
+STALE_STEPS = 2
 #: Groups of consecutive nodes the effect ranking starts from.
 FIRST_GROUPS = 8
 
@@ -336,7 +339,7 @@ def _search(state: _Search, first: Recipe, search: bool) -> tuple[list[Candidate
         base = min(qdq, key=lambda c: c.max_prob_diff, default=None)  # first of equals: deterministic
         if base is not None and state.may_try():
             ranking = rank_by_effect(state, base.recipe)
-            curve = [base, *_grow_fp32_set(state, base.recipe, [r["node"] for r in ranking])]
+            curve = [base, *_grow_fp32_set(state, base.recipe, [r["node"] for r in ranking], start=base)]
     if not any(c.meets for c in state.tried):
         for rec in RECIPES.values():
             if rec.name != first.name and rec.name not in BASE_RECIPES and not any(c.meets for c in state.tried) and state.may_try():
@@ -383,7 +386,7 @@ def rank_by_effect(state: _Search, base: Recipe) -> list[dict[str, Any]]:
             for effect, group in scored for n in group]
 
 
-def _grow_fp32_set(state: _Search, base: Recipe, ranked: list[str]) -> list[Candidate]:
+def _grow_fp32_set(state: _Search, base: Recipe, ranked: list[str], start: Optional[Candidate] = None) -> list[Candidate]:
     """Keep nodes in fp32 one at a time: each step leaves out, in turn, each of the `POOL` best-ranked
     nodes not yet kept, checked on all images, and keeps the one that helps most (greedy).
 
@@ -402,8 +405,8 @@ def _grow_fp32_set(state: _Search, base: Recipe, ranked: list[str]) -> list[Cand
     def worse(c: Candidate) -> tuple[float, float]:
         return (-c.agreement, c.max_prob_diff)
 
-    passing = None
-    while passing is None and len(kept) < min(len(ranked), state.budget.max_fp32_nodes):
+    passing, best_so_far, stale = None, start, 0
+    while passing is None and stale < STALE_STEPS and len(kept) < min(len(ranked), state.budget.max_fp32_nodes):
         best: Optional[tuple[Candidate, str]] = None
         for node in [n for n in ranked if n not in kept][:POOL]:
             if not state.may_try():
@@ -418,6 +421,9 @@ def _grow_fp32_set(state: _Search, base: Recipe, ranked: list[str]) -> list[Cand
         kept.append(best[1])
         curve.append(best[0])
         passing = kept if best[0].meets else None
+        # Errors spread over the whole network (the zoo's ResNet50): no node helps; leave the trials to other recipes.
+        stale = 0 if best_so_far is None or worse(best[0]) < worse(best_so_far) else stale + 1
+        best_so_far = best[0] if stale == 0 else best_so_far
     if passing is not None:  # the same nodes on the other base recipes
         for name in BASE_RECIPES:
             if RECIPES[name] is not base and state.may_try():
