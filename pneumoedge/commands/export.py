@@ -34,7 +34,7 @@ def export_command(
     recipe: Annotated[str, typer.Option(help="First int8 recipe (see pneumoedge.export.quantization.RECIPES): u8s8 (QDQ per-channel), u8s8_reduce_range, u8s8_per_tensor, u8u8, s8s8, qop_u8s8_reduce_range, qop_u8s8_per_tensor, qop_u8u8_reduce_range, u8s8_entropy, u8s8_percentile, u8u8_percentile.")] = "u8s8",
     calibration_method: Annotated[Optional[str], typer.Option(help="Override the recipe's calibration: minmax, entropy or percentile.", show_default=False)] = None,
     no_search: Annotated[bool, typer.Option("--no-search", help="Do not try other int8 recipes when the first misses the tolerance.")] = False,
-    int8_budget: Annotated[float, typer.Option(min=0, help="Seconds the int8 search may spend keeping the most sensitive nodes in fp32 (it grows that set, then bisects to the fewest that meet the tolerance; it stops with the closest so far).")] = 180.0,
+    int8_budget: Annotated[Optional[float], typer.Option(min=1, help="Optional wall-clock cap in seconds on the int8 search (default: none). The search's work is counted in trials, so the same model and images give the same int8 file on any machine; a cap that stops it early says so in the report.")] = None,
     strict_int8: Annotated[bool, typer.Option("--strict-int8", help="Fail when no int8 recipe meets the tolerance (default: keep fp32 as the default precision and warn).")] = False,
     threshold_method: Annotated[Optional[str], typer.Option(help="Ensemble threshold on validation: sensitivity:0.95, youden or fixed:X.", show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option(help="Bundle name (default: the folder name).", show_default=False)] = None,

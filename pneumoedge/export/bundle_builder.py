@@ -48,7 +48,8 @@ class Int8Options:
     calibrate_method: Optional[str] = None
     #: Try other recipes (and fp32-kept nodes) when the first misses the tolerance.
     search: bool = True
-    budget_s: float = 180.0
+    #: Optional wall-clock cap on the int8 search (None: none; its work is counted in trials, so the result is reproducible).
+    budget_s: Optional[float] = None
     #: "warn": keep fp32 as the default precision when int8 misses; "refuse": raise.
     on_fail: str = "warn"
     #: Calibration images (a folder); None: each front door's own (a run's training split, --images).
