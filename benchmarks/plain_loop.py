@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if options.merge:
         records = [json.loads(path.read_text()) for path in options.merge]
         results = {(r["model"], r["images"]): r for rec in records for r in rec["results"]}  # a later file's figure wins
-        stages = {s["model"]: s for rec in records for s in rec.get("stages", [])}
-        record = {**records[0], "results": list(results.values()), "stages": list(stages.values()),
+        stage_rows = {s["model"]: s for rec in records for s in rec.get("stages", [])}
+        record = {**records[0], "results": list(results.values()), "stages": list(stage_rows.values()),
                   "command": [c for rec in records for c in (rec["command"] + [";"])][:-1]}
         if options.record:
             write_section(ROOT / "benchmarks" / "RESULTS.md", render(record, options.note))
