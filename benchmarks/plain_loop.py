@@ -280,6 +280,11 @@ def render(record: dict, note: str) -> str:
             f"**{r['infer_median_s']:.2f}** [{r['infer_min_s']:.2f}-{r['infer_max_s']:.2f}] | {r['ratio']:.2f} | "
             f"{r['plain_cpu_median_s']:.2f} | {r['infer_cpu_median_s']:.2f} | {r['runs'][0]['load_average']} | {r['configuration']} |"
         )
+    ratios = [r["ratio"] for r in record["results"]]
+    if ratios:
+        lines += ["", f"`infer` / plain loop, wall: {min(ratios):.2f}-{max(ratios):.2f} over these rows "
+                  f"({'never slower' if max(ratios) <= 1.0 else 'SLOWER in some rows'}). The plain loop's CPU seconds are "
+                  "about its wall seconds: onnxruntime's default threads spin while they wait for the next image."]
     if record.get("stages"):
         keys = ("decode", "preprocess", "model", "ood", "heatmap", "overlay", "row")
         lines += [
@@ -287,7 +292,7 @@ def render(record: dict, note: str) -> str:
             "Where one image's milliseconds go (`pneumoedge bench`'s `stages_ms`: batch 1, medians of 10 runs on 6 of the "
             "images; - = the model has no such stage):",
             "",
-            "| model | input | precision | " + " | ".join(keys) + " | load |",
+            "| model | input (first member) | precision | " + " | ".join(keys) + " | load |",
             "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- |",
         ]
         for s in record["stages"]:
