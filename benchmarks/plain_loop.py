@@ -284,7 +284,8 @@ def render(record: dict, note: str) -> str:
     if ratios:
         lines += ["", f"`infer` / plain loop, wall: {min(ratios):.2f}-{max(ratios):.2f} over these rows "
                   f"({'never slower' if max(ratios) <= 1.0 else 'SLOWER in some rows'}). The plain loop's CPU seconds are "
-                  "about its wall seconds: onnxruntime's default threads spin while they wait for the next image."]
+                  "about its wall seconds and `infer`'s are 0.5-0.75 of them (onnxruntime's default intra-op threads spin-wait between "
+                  "runs; pneumoedge's sessions turn spinning off, `runtime.sessions.ALLOW_SPINNING`)."]
     if record.get("stages"):
         keys = ("decode", "preprocess", "model", "ood", "heatmap", "overlay", "row")
         lines += [
