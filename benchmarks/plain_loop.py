@@ -281,10 +281,11 @@ def render(record: dict, note: str) -> str:
             f"{r['plain_cpu_median_s']:.2f} | {r['infer_cpu_median_s']:.2f} | {r['runs'][0]['load_average']} | {r['configuration']} |"
         )
     ratios = [r["ratio"] for r in record["results"]]
+    cpu = [r["infer_cpu_median_s"] / r["plain_cpu_median_s"] for r in record["results"]]
     if ratios:
         lines += ["", f"`infer` / plain loop, wall: {min(ratios):.2f}-{max(ratios):.2f} over these rows "
                   f"({'never slower' if max(ratios) <= 1.0 else 'SLOWER in some rows'}). The plain loop's CPU seconds are "
-                  "about its wall seconds and `infer`'s are 0.5-0.75 of them (onnxruntime's default intra-op threads spin-wait between "
+                  f"about its wall seconds and `infer`'s are {min(cpu):.2f}-{max(cpu):.2f} of them (onnxruntime's default intra-op threads spin-wait between "
                   "runs; pneumoedge's sessions turn spinning off, `runtime.sessions.ALLOW_SPINNING`)."]
     if record.get("stages"):
         keys = ("decode", "preprocess", "model", "ood", "heatmap", "overlay", "row")
