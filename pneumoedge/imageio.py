@@ -47,10 +47,11 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 #: Bytes per pixel allowed in a file before it is refused unread (uncompressed 16-bit RGB is 6).
 _MAX_BYTES_PER_PIXEL = 8
 
-_REDUCED_GRAY = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
-_REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+#: OpenCV's decode flags for what simplejpeg cannot decode (and for tests/test_jpeg_integrity.py's comparison).
+OPENCV_REDUCED_GRAY = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+OPENCV_REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 # ANYDEPTH keeps 16-bit; ANYCOLOR keeps gray files single-channel (alpha is dropped by OpenCV).
-_FULL = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+OPENCV_FULL = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 # Gray+alpha PNGs: ANYCOLOR would give 3 equal channels; this gives the gray channel itself.
 _GRAY_KEEP_DEPTH = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
 
@@ -139,18 +140,18 @@ def decode_bytes(data: bytes, *, reduction: int = 1, gray: bool = False, dicom_v
         if pixels is not None:
             return pixels
     if reduction > 1 and header.kind == "jpeg":
-        flags = (_REDUCED_GRAY if gray else _REDUCED_COLOR)[reduction]
+        flags = (OPENCV_REDUCED_GRAY if gray else OPENCV_REDUCED_COLOR)[reduction]
     elif header.png_color_type == 4:
         flags = _GRAY_KEEP_DEPTH
     else:
-        flags = _FULL
+        flags = OPENCV_FULL
     try:
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:
         raise ImageError(f"cannot decode {header.kind.upper()} image: {exc.err}") from None
     if pixels is None or pixels.size == 0:
         raise ImageError(f"corrupt {header.kind.upper()} image: the decoder could not read its data")
-    return _normalise_layout(pixels)
+    return normalise_layout(pixels)
 
 
 #: libjpeg warnings about headers that leave every pixel intact: decoded as before. Every other
@@ -206,7 +207,8 @@ def _decode_jpeg_checked(data: bytes, reduction: int, gray: bool) -> Optional[np
     return pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
 
 
-def _normalise_layout(pixels: np.ndarray) -> np.ndarray:
+def normalise_layout(pixels: np.ndarray) -> np.ndarray:
+    """OpenCV's decoded pixels as pneumoedge keeps them: (H, W) gray or (H, W, 3) RGB, 8 or 16 bits."""
     if pixels.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"unsupported pixel type {pixels.dtype}: only 8- and 16-bit images are read")
     if pixels.ndim == 3 and pixels.shape[2] == 1:

@@ -240,10 +240,10 @@ def test_dicom_overlay_shows_the_image_through_the_classifiers_voi(map_onnx: Pat
 
 @pytest.mark.parametrize("orientation, expected", [(1, (1580, 1579)), (6, (1579, 1580))])
 def test_original_size_of_reduced_jpegs_near_square_and_exif_turned(tmp_path: Path, orientation: int, expected: tuple) -> None:
-    from tests.test_inputs import _exif_jpeg
+    from tests.test_inputs import exif_jpeg
 
     spec = PreprocessSpec(height=32, width=32, color="gray", resize="area", decode_reduction=4)
     model = pneumoedge.load(map_model(tmp_path / "r.onnx", spec))
     path = tmp_path / "x.jpeg"
-    path.write_bytes(_exif_jpeg(blob_image(1580, 1579, (100, 400, 100, 400)), orientation))  # a 1/4 decode is square
+    path.write_bytes(exif_jpeg(blob_image(1580, 1579, (100, 400, 100, 400)), orientation))  # a 1/4 decode is square
     assert model.predict(path, explain=True).heatmap.shape == expected

@@ -136,7 +136,7 @@ def test_io_error_on_a_dropped_share_is_a_clean_error(tmp_path: Path, monkeypatc
 # -- odd PNG and JPEG layouts ----------------------------------------------------------------
 
 
-def _exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
+def exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
     image = Image.fromarray(pixels)
     exif = image.getexif()
     exif[0x0112] = orientation
@@ -148,8 +148,8 @@ def test_exif_orientation_is_applied_at_every_decode_scale(color: str) -> None:
     base = gradient_image(64, 128, 5)
     base[:, :16] = 255  # a bright band on the left, to see where it went
     pixels = base if color == "gray" else np.repeat(base[:, :, None], 3, axis=2)
-    data = _exif_jpeg(pixels, 6)  # 6: displayed rotated 90 degrees clockwise
-    plain = read_pixels(_exif_jpeg(pixels, 1))
+    data = exif_jpeg(pixels, 6)  # 6: displayed rotated 90 degrees clockwise
+    plain = read_pixels(exif_jpeg(pixels, 1))
     for reduction in (1, 2, 4):
         spec = PreprocessSpec(color=color, decode_reduction=reduction)
         shown = read_for(data, spec)

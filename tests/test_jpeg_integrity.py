@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoedge.imageio import _FULL, _REDUCED_COLOR, _REDUCED_GRAY, ImageError, _normalise_layout, decode_bytes
+from pneumoedge.imageio import OPENCV_FULL, OPENCV_REDUCED_COLOR, OPENCV_REDUCED_GRAY, ImageError, normalise_layout, decode_bytes
 from tests.conftest import gradient_image
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "images"
@@ -60,8 +60,8 @@ def damaged(data: bytes, how: str) -> bytes:
 
 def _opencv(data: bytes, reduction: int, gray: bool) -> np.ndarray:
     """What OpenCV, the decoder the models were trained through, gives for these flags."""
-    flags = (_REDUCED_GRAY if gray else _REDUCED_COLOR)[reduction] if reduction > 1 else _FULL
-    return _normalise_layout(cv2.imdecode(np.frombuffer(data, np.uint8), flags))
+    flags = (OPENCV_REDUCED_GRAY if gray else OPENCV_REDUCED_COLOR)[reduction] if reduction > 1 else OPENCV_FULL
+    return normalise_layout(cv2.imdecode(np.frombuffer(data, np.uint8), flags))
 
 
 def _samples() -> list[tuple[str, bytes]]:
@@ -98,7 +98,7 @@ def test_damaged_entropy_data_is_refused_at_every_scale(kind: str, how: str) -> 
     pixels = _xray_like(channels=3 if kind == "rgb" else 1)
     data = damaged(_jpeg(pixels, quality=90, progressive=kind == "progressive"), how)
     if kind != "progressive":  # the case of the issue: OpenCV hands back pixels for it
-        assert cv2.imdecode(np.frombuffer(data, np.uint8), _FULL) is not None
+        assert cv2.imdecode(np.frombuffer(data, np.uint8), OPENCV_FULL) is not None
     for reduction in (1, 4):
         with pytest.raises(ImageError, match="corrupt JPEG image data"):
             decode_bytes(data, reduction=reduction, gray=True)
