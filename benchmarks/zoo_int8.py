@@ -163,14 +163,14 @@ def _section(rows: list[dict]) -> str:
             f"| {r['model']} | {r['input']} | {lat['fp32_b1']:.1f} [{sp['fp32_b1'][0]:.1f}-{sp['fp32_b1'][1]:.1f}] "
             f"| {lat['int8_b1']:.1f} [{sp['int8_b1'][0]:.1f}-{sp['int8_b1'][1]:.1f}] | {r['ratio_b1']:.2f} "
             f"| {lat['fp32_b8']:.1f} | {lat['int8_b8']:.1f} | {r['ratio_b8']:.2f} | {r['max_prob_diff']:.4f} | {r['agreement']:.3f} "
-            f"| {r['fp32_nodes']} of {r['quantizable_nodes']} | {'-' if full is None else format(full['max_prob_diff'], '.3f')} "
+            f"| {r['fp32_nodes']}{f' of {n}' if (n := r['quantizable_nodes']) else ''} | {'-' if full is None else format(full['max_prob_diff'], '.3f')} "
             f"| {r['search_seconds']:.0f} ({r['trials']}) | {r['verdict'].replace('|dp|', 'abs dp')} |"
         )
     lines += ["", "Which nodes decide (top of each effect ranking: node, op, position among quantizable nodes, effect = RMS of dp on 16 images when only it (or its group) is quantized):", ""]
     for r in rows:
         top = ", ".join(_ranked(t) for t in r["top_ranked"][:4])
         where = (f"; first quantizable node ranked {r.get('first_conv_rank') or '-'}, head MatMul/Gemm ranked "
-                 f"{', '.join(map(str, r.get('matmul_ranks') or [])) or '-'} of {r['quantizable_nodes']}") if "matmul_ranks" in r else ""
+                 f"{', '.join(map(str, r.get('matmul_ranks') or [])) or '-'} of {r['quantizable_nodes']}") if r.get("top_ranked") else ""
         lines.append(f"- {r['model']}: {top or 'no ranking (a plain recipe met the tolerance)'}{where}")
     lines += ["", "Trade-off curve of each search (nodes kept in fp32: max |dp| / label agreement / batch-1 latency ms, timed during",
               "the search; the base recipe, then one node more per step):", ""]
