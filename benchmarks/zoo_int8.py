@@ -8,7 +8,7 @@ max |dp| <= 0.05 and FULL label agreement; the default work budget), then model-
 fp32 and the chosen int8 file at batch 1 and 8 (onnxruntime, one intra-op thread, interleaved
 rounds, the whole comparison repeated `--repeats` times: the median and the spread are
 reported), the search's curve and its effect ranking (which nodes decide: entry convolutions?
-MatMuls?). Verdict per model: an int8 member is worth writing only when it meets the tolerance
+MatMuls?). This script writes no bundle. Verdict per model: an int8 member is worth writing only when it meets the tolerance
 with at most a handful (5) of nodes in fp32 AND runs at <= 0.85x fp32 at batch 1; otherwise the
 reason is said. The machine is shared: CPU flags and load averages are recorded beside every
 figure. `--record` writes benchmarks/zoo_int8.json and a section of benchmarks/RESULTS.md.
@@ -82,7 +82,7 @@ def measure(name: str, bundle: Path, data: Path, work: Path, repeats: int, calib
     few = chosen.fp32_nodes <= HANDFUL
     fast = ratio_b1 <= MAX_RATIO
     if accurate and few and fast:
-        verdict = "int8 member written"
+        verdict = "int8 qualifies: an int8 member is worth writing"
     else:
         reasons = []
         if not accurate:
@@ -92,7 +92,7 @@ def measure(name: str, bundle: Path, data: Path, work: Path, repeats: int, calib
             reasons.append(f"it needs {chosen.fp32_nodes} nodes in fp32 (more than a handful, {HANDFUL})")
         if not fast:
             reasons.append(f"int8 runs at {ratio_b1:.2f}x fp32 at batch 1 (goal <= {MAX_RATIO})")
-        verdict = "no int8 member: " + "; ".join(reasons)
+        verdict = "no int8 member (would not be written): " + "; ".join(reasons)
     cpu = cpu_info()
     return {
         "model": name,
