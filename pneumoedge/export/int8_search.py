@@ -2,9 +2,10 @@
 
 `quantize_int8` quantizes with the first recipe and compares it with the fp32 model on images:
 largest probability difference, label agreement, and with labelled data the accuracy/AUC
-change. Beside the first recipe it always tries a few others (`BASE_RECIPES`: the fast
-QOperator/reduce-range ones measured on AVX2, matrix products only, u8u8, symmetric s8s8). When none meets the
-tolerance, it keeps in fp32 the nodes whose quantization moves the OUTPUT most:
+change. Beside the first recipe it tries a few others (`BASE_RECIPES`: the QOperator and
+reduce-range ones measured fast on AVX2, matrix products only, u8u8, symmetric s8s8) until one
+meets the tolerance. When none does, it keeps in fp32 the nodes whose quantization moves the
+OUTPUT most:
 
 1. ranking by effect: only a group of nodes is quantized, everything else stays fp32, and the
    root-mean-square change of the output probabilities on the first `rank_images` images is
@@ -15,10 +16,10 @@ tolerance, it keeps in fp32 the nodes whose quantization moves the OUTPUT most:
 2. the fp32 set grows one node at a time: each step leaves out, in turn, each of the `POOL`
    best-ranked nodes not yet in fp32 (checked on all images) and keeps the one that helps most,
    until the tolerance holds (or `STALE_STEPS` steps in a row bring nothing better); then the
-   same nodes on the other base recipes. On a CPU with fast
-   int8 kernels (VNNI/AMX: u8 x s8 products) the growth builds on a u8s8 recipe: on the zoo's
-   Xception a u8u8 member met the tolerance with one node in fp32 but ran no faster than fp32,
-   while u8s8 members ran at about half of fp32's latency.
+   same nodes on the other base recipes. On a CPU with fast int8 kernels (VNNI/AMX: u8 x s8
+   products) the growth builds on a u8s8 recipe: on the zoo's Xception a u8u8 member met the
+   tolerance with one node in fp32 but ran no faster than fp32, while u8s8 members ran at about
+   half of fp32's latency (benchmarks/RESULTS.md).
 
 The work is counted (`SearchBudget`: trials and images), never seconds, so an export gives the
 same int8 file on a quiet and on a busy machine; an optional wall-clock cap stops it early with
