@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
 
-from pneumoedge.commands.options import user_errors
+from pneumoedge.commands.options import UserError, stderr, user_errors
 
 
 def evaluate_command(
@@ -25,14 +25,13 @@ def evaluate_command(
     A run folder is evaluated with Keras (needs the [export] extra); a bundle or .onnx with the
     runtime (onnxruntime only), exactly as `infer` would run it.
     """
+    if (model / "manifest.json").is_file() or (model.is_file() and model.suffix.lower() == ".onnx"):
+        _validate_instead(model, data_dir, out or Path("evaluation") / model.stem, precision, threshold)
+        return
     with user_errors():
-        from pneumoedge.export.evaluation import evaluate_model, evaluate_run
-        from pneumoedge.export.training import is_run_dir
+        from pneumoedge.export.evaluation import evaluate_run
 
-        if is_run_dir(model):
-            metrics = evaluate_run(model, data_dir, out, threshold=threshold)
-        else:
-            metrics = evaluate_model(model, data_dir, out or Path("evaluation") / model.stem, precision=precision, threshold=threshold)
+        metrics = evaluate_run(model, data_dir, out, threshold=threshold)
     console = Console()
     table = Table(title=f"{model} on {data_dir} ({metrics['split']}, {metrics['images']} images, {metrics['engine']})", title_justify="left")
     for column in ("label", "precision", "recall", "F1", "support"):
@@ -51,6 +50,20 @@ def evaluate_command(
     console.print(f"written: {', '.join(metrics['files'].values())}")
     if metrics.get("failed"):
         raise typer.Exit(1)
+
+
+def _validate_instead(model: Path, data_dir: Path, out: Path, precision: str, threshold: Optional[float]) -> None:
+    """A bundle or .onnx: `pneumoedge validate`'s report (runtime only, with intervals), one code for both verbs."""
+    from pneumoedge.commands.validate import print_report, run_validate
+
+    if threshold is not None:
+        with user_errors():
+            raise UserError("--threshold applies to run folders; for a bundle, choose a site threshold: "
+                            f"pneumoedge validate {model} {data_dir} --site-threshold fixed:{threshold:g} (then --site)")
+    result = run_validate(model, data_dir, out, precision=precision, overwrite=True)
+    print_report(result.report, result.files)
+    stderr.print(f"(evaluate on a bundle is `pneumoedge validate`: {out}/report.html)", markup=False, highlight=False)
+    raise typer.Exit(1 if result.report["data"]["unreadable"] else 0)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@ from pneumoedge.commands.options import (
     Device,
     Models,
     Precision,
+    Site,
     UserError,
     model_arg,
     stderr,
@@ -40,6 +41,7 @@ def infer(
     ] = None,
     device: Device = "cpu",
     precision: Precision = "auto",
+    site: Site = None,
     threads: Annotated[
         Optional[int],
         typer.Option(
@@ -100,13 +102,13 @@ def infer(
         fmt = _choose_format(fmt, out)
         if resume and out is None:
             raise OutputError("--resume needs --out (the file to finish)")
-        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads="auto" if threads is None else threads)
+        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads="auto" if threads is None else threads, site=site)
         if heatmaps is not None and not ensemble.can_explain:
             raise UserError(f"--heatmaps: {ensemble.explain_note}")
         if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
             raise UserError(f"--heatmaps {heatmaps}: exists and is not a folder")
         writer = ResultWriter(fmt, ensemble.labels, [m.name for m in ensemble.members])
-        runner = _engine(engine, ray_address, ensemble, model_arg(model), device.lower(), batch or ensemble.configuration.batch, threads, heatmaps)
+        runner = _engine(engine, ray_address, ensemble, model_arg(model), device.lower(), batch or ensemble.configuration.batch, threads, heatmaps, site)
         show = stderr.is_terminal if progress is None else progress
         with folder_progress(stderr, show) as on_row, _ray_errors():
             summary = run_folder(
@@ -124,13 +126,16 @@ def infer(
                 overlay_side=overlay_size,
             )
     _print_summary(summary, ensemble.threshold, ensemble.configuration)
+    if site is not None:  # whose threshold decided the labels
+        stderr.print(f"threshold {ensemble.threshold:.4f}: {ensemble.threshold_method}", markup=False, highlight=False, soft_wrap=True)
     if heatmaps is not None:
         sources = "; ".join(f"{name}: {how}" for name, how in ensemble.map_sources().items())
         stderr.print(f"heatmaps: {summary.overlays} overlays in {heatmaps} ({sources})", highlight=False, soft_wrap=True)
     raise typer.Exit(summary.exit_code)
 
 
-def _engine(name: str, address: Optional[str], ensemble, model, device: str, batch: int, threads: Optional[int], heatmaps: Optional[Path]):
+def _engine(name: str, address: Optional[str], ensemble, model, device: str, batch: int, threads: Optional[int], heatmaps: Optional[Path],
+            site: Optional[Path] = None):
     """The ensemble itself (run here) or a Ray engine for it (pneumoedge.runtime.ray_engine)."""
     if name not in ("local", "ray"):
         raise UserError(f"--engine must be local or ray, got {name!r}")
@@ -143,7 +148,7 @@ def _engine(name: str, address: Optional[str], ensemble, model, device: str, bat
     from pneumoedge.runtime.ray_engine import engine_for
 
     with _ray_errors():
-        return engine_for(ensemble, model, device=device, batch_size=batch, threads=threads, address=address)
+        return engine_for(ensemble, model, device=device, batch_size=batch, threads=threads, address=address, site=site)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from pneumoedge.commands.options import (
     Device,
     Models,
     Precision,
+    Site,
     UserError,
     model_arg,
     stderr,
@@ -125,6 +126,7 @@ def listen(
     model: Models = None,
     device: Device = "cpu",
     precision: Precision = "auto",
+    site: Site = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads per model run. Default: every core.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="Results file format: jsonl or csv.")] = "jsonl",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Most instances classified in one model run.")] = 8,
@@ -167,7 +169,7 @@ def listen(
         if fmt not in ("jsonl", "csv"):
             raise UserError(f"--format must be jsonl or csv, got {fmt!r}")
         allowed = _allowed(allow, host)
-        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads=threads)
+        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads=threads, site=site)
         config = NodeConfig(
             out=out, aet=aet, host=host, port=port, fmt=fmt, allow=allowed, send_to=destination,
             heatmaps=heatmaps, retry_max=retry_max, batch_size=batch, keep_sent_days=keep_sent, max_attempts=max_attempts,

@@ -62,6 +62,15 @@ Threads = Annotated[
     Optional[int],
     typer.Option(min=1, help="onnxruntime intra-op threads per model. Default: one per physical core."),
 ]
+Site = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--site",
+        help="A site.json from `pneumoedge validate --site-threshold`: this site's decision threshold for the bundle "
+        "(the bundle is not changed; a site file made for another bundle is refused).",
+        show_default=False,
+    ),
+]
 BatchSize = Annotated[int, typer.Option("--batch", min=1, help="Images per model run.")]
 
 stderr = Console(stderr=True)

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from pneumoedge.commands.options import CLINICAL_NOTE, Device, Models, Precision, UserError, model_arg, stderr, user_errors
+from pneumoedge.commands.options import CLINICAL_NOTE, Device, Models, Precision, Site, UserError, model_arg, stderr, user_errors
 from pneumoedge.runtime.loading import load
 
 
@@ -67,6 +67,7 @@ def serve(
     ] = None,
     device: Device = "cpu",
     precision: Precision = "auto",
+    site: Site = None,
 ) -> None:
     """Serve the model: a page at http://HOST:PORT/ to drop images on, and a JSON API.
 
@@ -90,7 +91,7 @@ def serve(
             raise UserError(f"--keep-uploads {keep_uploads}: no such folder")
         # Loaded once, at start: the same loader, defaults and one-line errors as `infer`, so the
         # same members run (precision "auto" may pick int8 on a VNNI machine) and results match.
-        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads="auto" if threads is None else threads)
+        ensemble = load(model_arg(model), device=device.lower(), precision=precision, threads="auto" if threads is None else threads, site=site)
         try:
             settings = ServeSettings(
                 max_upload_bytes=int(max_upload_mb * 2**20),

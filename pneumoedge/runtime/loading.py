@@ -18,6 +18,7 @@ from pneumoedge.runtime.machine import file_stat, optimized_graph_file, remember
 from pneumoedge.runtime.members import LoadedMember, check_input_shape
 from pneumoedge.runtime.sessions import commit_optimized, open_model
 from pneumoedge.runtime.tuning import resolve, rule
+from pneumoedge.site import apply_site
 
 ModelRef = Union[str, Path]
 
@@ -37,6 +38,7 @@ def load(
     device: str = "cpu",
     precision: str = "auto",
     threads: Union[int, None, str] = None,
+    site: Union[str, Path, None] = None,
 ) -> Ensemble:
     """Load a bundle folder, or one or more self-describing `.onnx` files, ready to predict.
 
@@ -49,6 +51,8 @@ def load(
             "default" (the manifest's choice), "fp32" or "int8".
         threads: onnxruntime intra-op threads per session (None: its default, every core);
             "auto": this computer's choice for folders (see `pneumoedge.runtime.tuning`).
+        site: a site.json (`pneumoedge validate --site-threshold`): decide with this site's
+            threshold; refused (`SiteError`, a `BundleError`) when it was made for another bundle.
 
     The configuration in use and where it came from is `ensemble.configuration`.
     """
@@ -59,7 +63,7 @@ def load(
     if any(p.is_dir() for p in paths):
         if len(paths) != 1:
             raise BundleError("give one bundle folder, or one or more .onnx files, not a mix")
-        return _load_bundle(paths[0], device, precision, threads)
+        return _with_site(_load_bundle(paths[0], device, precision, threads), site)
     config = rule(None, model_bytes=max(p.stat().st_size if p.is_file() else 0 for p in paths))
     if threads != "auto":
         config = replace(config, threads=threads, source="user", reason="threads as given")
@@ -72,7 +76,14 @@ def load(
         threshold, method = found.pop(), "from the models' metadata"
     else:
         threshold, method = 0.5, "default 0.5 (the ONNX files carry no shared threshold)"
-    return Ensemble(members, threshold=threshold, threshold_method=method, threads=config.threads, configuration=config)
+    return _with_site(Ensemble(members, threshold=threshold, threshold_method=method, threads=config.threads, configuration=config), site)
+
+
+def _with_site(ensemble: Ensemble, site: Union[str, Path, None]) -> Ensemble:
+    """The ensemble deciding with a site's threshold (`pneumoedge.site`), when one is given."""
+    if site is not None:
+        apply_site(ensemble, site)
+    return ensemble
 
 
 def _renamed(member: LoadedMember, name: str) -> LoadedMember:

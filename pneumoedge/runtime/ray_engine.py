@@ -340,6 +340,7 @@ class RayEngine:
         timeout_s: float = 300.0,
         max_deaths: int = 2,
         loader: Optional[Callable[[], Any]] = None,
+        site: Optional[Union[str, Path]] = None,
     ) -> None:
         from pneumoedge.runtime.loading import default_bundle_path, load
 
@@ -357,7 +358,8 @@ class RayEngine:
         refs = [default_bundle_path()] if model is None else [model] if isinstance(model, (str, Path)) else list(model)
         self.model_paths = [str(Path(r).resolve()) for r in refs]
         target = self.model_paths[0] if len(self.model_paths) == 1 else self.model_paths
-        self.loader = loader or functools.partial(load, target, device=device, precision=precision, threads=cpus_per_worker)
+        site = str(Path(site).resolve()) if site is not None else None  # a site.json: workers decide with its threshold
+        self.loader = loader or functools.partial(load, target, device=device, precision=precision, threads=cpus_per_worker, site=site)
         self.batch_size = batch_size
         self.cpus_per_worker = cpus_per_worker
         self.timeout_s = timeout_s
@@ -505,13 +507,14 @@ class RayEngine:
             self._restore_env()
 
 
-def engine_for(ensemble: Any, model: Any, *, device: str, batch_size: int, threads: Optional[int], address: Optional[str]) -> RayEngine:
+def engine_for(ensemble: Any, model: Any, *, device: str, batch_size: int, threads: Optional[int], address: Optional[str],
+               site: Optional[Union[str, Path]] = None) -> RayEngine:
     """A RayEngine running `model` as `ensemble` was loaded here (its precision), `threads` CPUs per worker."""
     if device not in ("cpu", "auto"):  # actors ask Ray for CPUs only; GPU workers would need num_gpus and a test
         raise RayEngineError("--engine ray runs on CPUs only; leave out --device (or use the local engine for CUDA)")
     configuration = getattr(ensemble, "configuration", None)
     precision = configuration.precision if configuration is not None else "auto"
-    return RayEngine(model, device="cpu", precision=precision, batch_size=batch_size, address=address, cpus_per_worker=threads or 1)
+    return RayEngine(model, device="cpu", precision=precision, batch_size=batch_size, address=address, cpus_per_worker=threads or 1, site=site)
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--head":
