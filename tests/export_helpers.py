@@ -122,3 +122,29 @@ def logits_model(size: int = 40) -> Any:
     x = layers.GlobalAveragePooling2D()(x)
     outputs = layers.Dense(1, bias_initializer=keras.initializers.Constant(2.5))(x)
     return keras.Model(inputs, outputs)
+
+
+def normalization_model(size: int = 32) -> Any:
+    """EfficientNet-style input stem: Rescaling, then Normalization layers with real statistics.
+
+    Keras 3 keeps Normalization's mean and variance as eager tensors, not variables: the case
+    that once became extra ONNX graph inputs. One layer is adapted per channel (as EfficientNet's
+    is built), one has its statistics given; neither is the identity (mean 0, variance 1).
+    """
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(13)
+    rng = np.random.default_rng(13)
+    adapted = layers.Normalization(axis=-1)
+    sample = rng.uniform(0.0, 1.0, (16, size, size, 3)).astype("float32") * np.array([0.9, 0.6, 0.3], "float32") + 0.05
+    adapted.adapt(sample)
+    inputs = keras.Input((size, size, 3))
+    x = layers.Rescaling(1.0 / 255.0)(inputs)
+    x = adapted(x)
+    x = layers.Conv2D(8, 3, activation="relu")(x)
+    x = layers.Normalization(axis=None, mean=0.3, variance=2.5)(x)
+    x = layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(2, activation="softmax")(x)
+    return keras.Model(inputs, outputs)

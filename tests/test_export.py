@@ -14,6 +14,7 @@ from tests.export_helpers import (  # noqa: F401 (fixture)
     foreign_rgb_model,
     logits_model,
     mixed_layers_model,
+    normalization_model,
     phantom_root,
     tiny_onnx,
     tiny_run,
@@ -93,6 +94,49 @@ def test_foreign_rgb_softmax_model_runs_in_the_runtime_like_keras(export_base: P
         assert got.status == "ok"
         assert np.allclose([got.probabilities[label] for label in labels], row, atol=1e-5)
         assert got.label == labels[int(np.argmax(row))]
+
+
+def test_foreign_keras_normalization_statistics_become_constants_not_inputs(tmp_path: Path) -> None:
+    """Keras 3 Normalization (as in every keras.applications EfficientNet) exports with one input and parity."""
+    import onnx
+    import onnxruntime as ort
+
+    from pneumoedge.export.bundle_builder import BundleOptions
+    from pneumoedge.export.foreign import export_foreign
+
+    model = normalization_model(32)
+    stats = [layer for layer in model.layers if layer.__class__.__name__ == "Normalization"]
+    assert len(stats) == 2 and all(np.any(np.asarray(n.mean) != 0) and np.any(np.asarray(n.variance) != 1) for n in stats)
+    path = tmp_path / "their_model.keras"
+    model.save(path)
+    spec = PreprocessSpec(height=32, width=32, color="rgb", resize="bilinear", scale=1.0, offset=0.0)
+    result = export_foreign(path, tmp_path / "norm.onnx", BundleOptions(parity_tolerance=1e-5), spec=spec, labels=LABELS, head="softmax")
+    assert result.parity.ok and result.parity.max_abs_diff <= 1e-5
+    graph = onnx.load(str(result.onnx_path)).graph
+    assert [i.name for i in graph.input] == ["input"]
+    # Against the in-memory model too: the saved file kept the statistics, the ONNX graph holds them.
+    x = np.random.default_rng(3).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([session.get_outputs()[0].name], {"input": x})[0]
+    assert np.abs(got - model.predict(x, verbose=0)).max() < 1e-5
+
+
+def test_an_onnx_graph_with_extra_inputs_is_refused_by_name() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pneumoedge.export.errors import ExportError
+    from pneumoedge.export.onnx_export import _check_single_input
+
+    graph = helper.make_graph(
+        [helper.make_node("Sub", ["input", "functional/normalization/Sub/y:0"], ["out"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4]),
+         helper.make_tensor_value_info("functional/normalization/Sub/y:0", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4])],
+    )
+    with pytest.raises(ExportError, match=r"expected only 'input' \(extra: 'functional/normalization/Sub/y:0'\)"):
+        _check_single_input(helper.make_model(graph), "their model")
+    _check_single_input(helper.make_model(helper.make_graph(graph.node, "g", graph.input[:1], graph.output, [onnx.numpy_helper.from_array(np.zeros(4, np.float32), "functional/normalization/Sub/y:0")])), "ok")
 
 
 def test_logits_head_gets_the_declared_activation(export_base: Path, tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ runtime still loads our files. Newer opsets bring nothing these CNNs use.
 
 Keras 3 models are converted with `tf2onnx.convert.from_function` over
 `model(x, training=False)` (`from_keras` fails on Keras 3), with a batch axis of None, so the
-runtime may batch freely.
+runtime may batch freely. The traced function is frozen first (`_frozen`): every captured tensor,
+not only variables, becomes a constant, so the graph has exactly one input.
 """
 
 from __future__ import annotations
@@ -113,11 +114,12 @@ def convert(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     signature = (tf.TensorSpec((None, *spec.input_shape), tf.float32, name="input"),)
-    function = tf.function(explained.call if explained is not None else (lambda x: model.call(x)))
+    frozen = _frozen(explained.call if explained is not None else model.call, signature, model.description)
     try:
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
+        proto, _ = tf2onnx.convert.from_function(tf.function(lambda x: frozen(x)), input_signature=signature, opset=opset)
     except Exception as exc:  # tf2onnx raises many kinds of errors for unsupported graphs
         raise ExportError(f"tf2onnx could not convert {model.description}: {type(exc).__name__}: {exc}") from None
+    _check_single_input(proto, model.description)
     expected = 3 if explained is not None else 1
     if len(proto.graph.output) != expected:
         raise ExportError(f"the converted model has {len(proto.graph.output)} outputs; expected {expected}")
@@ -129,6 +131,39 @@ def convert(
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
     return out
+
+
+def _frozen(call: Any, signature: tuple, description: str) -> Any:
+    """The traced `call` with every captured tensor folded into a constant: one input, the image.
+
+    Why not leave it to tf2onnx: it freezes captured *variables*, but takes every other captured
+    tensor for a graph input. Keras 3 keeps some layer state as plain eager tensors (Normalization's
+    mean and variance, in every keras.applications EfficientNet), which tf.function captures; the
+    ONNX graph then wants them fed at run time. `convert_variables_to_constants_v2` folds both kinds.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    try:
+        concrete = tf.function(call).get_concrete_function(*signature)
+        frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
+    except ExportError:
+        raise
+    except Exception as exc:  # tracing or freezing fails in many ways on unusual models
+        raise ExportError(f"cannot freeze {description} for conversion: {type(exc).__name__}: {exc}") from None
+    extra = [t.name for t in frozen.inputs[len(signature):]]
+    if extra:
+        raise ExportError(f"{description}: captured tensors that cannot be made constants would be extra inputs: {', '.join(extra)}")
+    return frozen
+
+
+def _check_single_input(proto: Any, description: str) -> None:
+    """Refuse a graph that wants more than the image: the runtime feeds only "input"."""
+    initializers = {init.name for init in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in initializers]
+    if names != ["input"]:
+        extra = ", ".join(repr(n) for n in names if n != "input") or "none named 'input'"
+        raise ExportError(f"{description}: the converted ONNX graph has inputs {names}, expected only 'input' (extra: {extra})")
 
 
 def check_parity(
