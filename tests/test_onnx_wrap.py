@@ -213,6 +213,13 @@ def test_int8_bundle_for_a_wrapped_model_goes_through_the_checked_search(tmp_pat
     assert chosen["max_prob_diff"] <= 0.2
     assert chosen["qdq_nodes"] == qdq_node_count(int8.path) > 0  # the provenance describes the file in the bundle
     assert manifest.provenance["wrapped"]["identical"] is True
+    # The export's own int8-vs-fp32 timing and CPU, which the untuned precision rule trusts on a similar CPU.
+    from pneumoedge.runtime.machine import cpu_info
+    from pneumoedge.runtime.tuning import export_timing
+    assert manifest.provenance["machine"]["simd"] == cpu_info().to_dict()["simd"]
+    timing = export_timing(manifest, cpu_info())
+    assert timing is not None and timing[0] > 0 and timing[1] > 0
+    assert timing[:2] == (manifest.provenance["int8"]["fp32"]["latency_ms"], chosen["latency_ms"])
     int8_model = onnx.load(str(int8.path))
     assert "pneumoedge_quantization" in {p.key for p in int8_model.metadata_props}
     assert [n.op_type for n in int8_model.graph.node if n.name == "pneumoedge_cam_raw"] == ["Einsum"]  # the map's weighting stays float

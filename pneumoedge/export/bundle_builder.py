@@ -30,6 +30,7 @@ from pneumoedge.export.quantization import DEFAULT_RECIPE, QuantizationResult
 from pneumoedge.int8_tolerance import Tolerance
 from pneumoedge.export.report import Progress, quiet
 from pneumoedge.export.tensors import image_files, load_tensors
+from pneumoedge.runtime.machine import cpu_info
 from pneumoedge.validation.metrics import classification_metrics
 
 #: Images used at most to calibrate int8 (evenly picked).
@@ -230,6 +231,8 @@ def build_bundle(
         sources = _fit_ood(members, sources, work, ood_summary, progress)
     record = describe(BuildState(members, metrics, threshold_info, validation))
     record.update(options.provenance)
+    if int8_sources:
+        _record_int8_timing(record, members)
     if ood_summary:
         record["out_of_distribution"] = ood_summary
     out = Path(out)
@@ -239,6 +242,20 @@ def build_bundle(
         provenance=record, name=options.name or out.name, default_precision=default,
     )
     return BundleResult(out, manifest, members, threshold_info, metrics, time.perf_counter() - started, steps)
+
+
+def _record_int8_timing(record: dict[str, Any], members: Sequence[ExportedMember]) -> None:
+    """Where and how fast int8 ran beside fp32 at export: the runtime's untuned precision rule
+    trusts these timings on a CPU with the same int8 hardware (`runtime.tuning.export_timing`)
+    instead of assuming int8 is slow wherever VNNI is missing."""
+    record["machine"] = cpu_info().to_dict()
+    entries = record.setdefault("members", {})
+    for member in members:
+        q = member.int8
+        if q is None or q.chosen is None:
+            continue
+        entry = entries.setdefault(member.name, {}).setdefault("int8", {})
+        entry["latency_ms"] = {"fp32": q.fp32_latency_ms, "int8": q.chosen.latency_ms}
 
 
 def _threshold(
