@@ -121,6 +121,27 @@ def test_foreign_keras_normalization_statistics_become_constants_not_inputs(tmp_
     assert np.abs(got - model.predict(x, verbose=0)).max() < 1e-5
 
 
+def test_captured_tensors_tf2onnx_leaves_as_inputs_are_folded_into_constants() -> None:
+    """The fallback for graphs TensorFlow cannot freeze: tf2onnx alone makes the statistics inputs; folded, one input."""
+    import onnxruntime as ort
+    import tensorflow as tf
+    import tf2onnx
+
+    from pneumoedge.export.onnx_export import _fold_captured_inputs, _traced
+
+    model = normalization_model(32)
+    signature = (tf.TensorSpec((None, 32, 32, 3), tf.float32, name="input"),)
+    _, captured = _traced(lambda x: model(x, training=False), signature, "their model")
+    assert len(captured) == 4  # mean and variance of each Normalization layer
+    raw, _ = tf2onnx.convert.from_function(tf.function(lambda x: model(x, training=False)), input_signature=signature, opset=17)
+    assert len(raw.graph.input) == 5  # what export used to write
+    assert sorted(_fold_captured_inputs(raw, captured)) == sorted(captured)
+    assert [i.name for i in raw.graph.input] == ["input"]
+    x = np.random.default_rng(4).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    got = ort.InferenceSession(raw.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(got - model.predict(x, verbose=0)).max() < 1e-5
+
+
 def test_an_onnx_graph_with_extra_inputs_is_refused_by_name() -> None:
     import onnx
     from onnx import TensorProto, helper

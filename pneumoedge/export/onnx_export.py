@@ -10,7 +10,7 @@ runtime still loads our files. Newer opsets bring nothing these CNNs use.
 
 Keras 3 models are converted with `tf2onnx.convert.from_function` over
 `model(x, training=False)` (`from_keras` fails on Keras 3), with a batch axis of None, so the
-runtime may batch freely. The traced function is frozen first (`_frozen`): every captured tensor,
+runtime may batch freely. The traced function is frozen first (`_traced`): every captured tensor,
 not only variables, becomes a constant, so the graph has exactly one input.
 """
 
@@ -114,11 +114,14 @@ def convert(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     signature = (tf.TensorSpec((None, *spec.input_shape), tf.float32, name="input"),)
-    frozen = _frozen(explained.call if explained is not None else model.call, signature, model.description)
+    function, captured = _traced(explained.call if explained is not None else model.call, signature, model.description)
     try:
-        proto, _ = tf2onnx.convert.from_function(tf.function(lambda x: frozen(x)), input_signature=signature, opset=opset)
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
     except Exception as exc:  # tf2onnx raises many kinds of errors for unsupported graphs
         raise ExportError(f"tf2onnx could not convert {model.description}: {type(exc).__name__}: {exc}") from None
+    folded = _fold_captured_inputs(proto, captured)
+    if folded:
+        log.info("%s: captured tensors %s stored as constants", model.description, ", ".join(folded))
     _check_single_input(proto, model.description)
     expected = 3 if explained is not None else 1
     if len(proto.graph.output) != expected:
@@ -128,33 +131,56 @@ def convert(
         rename_output(proto, proto.graph.output[2].name, FEATURES_OUTPUT)
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(card.to_dict())})
     proto.doc_string = f"pneumoedge export of {model.description}; labels {', '.join(card.labels)}"
-    onnx.checker.check_model(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:  # e.g. a TensorFlow op tf2onnx left unconverted
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{model.description}: the converted graph is not valid ONNX: {reason}") from None
     onnx.save(proto, str(out))
     return out
 
 
-def _frozen(call: Any, signature: tuple, description: str) -> Any:
-    """The traced `call` with every captured tensor folded into a constant: one input, the image.
+def _traced(call: Any, signature: tuple, description: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """`call` as a tf.function for tf2onnx, frozen where TensorFlow can, and its captured tensors' values.
 
-    Why not leave it to tf2onnx: it freezes captured *variables*, but takes every other captured
+    Why not leave freezing to tf2onnx: it folds captured *variables*, but takes every other captured
     tensor for a graph input. Keras 3 keeps some layer state as plain eager tensors (Normalization's
     mean and variance, in every keras.applications EfficientNet), which tf.function captures; the
     ONNX graph then wants them fed at run time. `convert_variables_to_constants_v2` folds both kinds.
+    Where it fails (a SavedModel whose random-augmentation layers assign seed variables), tf2onnx's
+    own fallback converts and `_fold_captured_inputs` turns the leftover inputs into initializers.
     """
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+    function = tf.function(call)
     try:
-        concrete = tf.function(call).get_concrete_function(*signature)
-        frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
+        concrete = function.get_concrete_function(*signature)
     except ExportError:
         raise
-    except Exception as exc:  # tracing or freezing fails in many ways on unusual models
-        raise ExportError(f"cannot freeze {description} for conversion: {type(exc).__name__}: {exc}") from None
-    extra = [t.name for t in frozen.inputs[len(signature):]]
-    if extra:
-        raise ExportError(f"{description}: captured tensors that cannot be made constants would be extra inputs: {', '.join(extra)}")
-    return frozen
+    except Exception as exc:  # tracing fails in many ways on unusual models
+        raise ExportError(f"cannot trace {description} for conversion: {type(exc).__name__}: {exc}") from None
+    captured = {}
+    for external, internal in concrete.graph.captures:
+        if external.dtype != tf.resource and hasattr(external, "numpy"):
+            captured[internal.name] = np.asarray(external.numpy())
+    try:
+        frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
+    except Exception as exc:  # noqa: BLE001 (tf2onnx retries with its own repairs)
+        log.info("freezing %s failed (%s: %s); leaving it to tf2onnx", description, type(exc).__name__, exc)
+        return function, captured
+    return tf.function(lambda x: frozen(x)), captured
+
+
+def _fold_captured_inputs(proto: Any, captured: dict[str, np.ndarray]) -> list[str]:
+    """Turn graph inputs that are captured tensors into initializers holding their values."""
+    from onnx import numpy_helper
+
+    folded = [i for i in proto.graph.input if i.name != "input" and i.name in captured]
+    for graph_input in folded:
+        proto.graph.initializer.append(numpy_helper.from_array(captured[graph_input.name], graph_input.name))
+        proto.graph.input.remove(graph_input)
+    return [i.name for i in folded]
 
 
 def _check_single_input(proto: Any, description: str) -> None:
