@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 #: Largest |p_keras - p_onnx| accepted, on probabilities (after the declared activation).
-DEFAULT_PARITY_TOLERANCE = 1e-4
+#: A conversion error moves probabilities by 1e-2 or more; float32 rounding through a deep
+#: network (an EfficientNetB0 with real batch-norm statistics: 9.4e-5) comes close to 1e-4, so
+#: 1e-4 would refuse sound exports of real models for rounding, and 1e-3 is still far below
+#: any difference that could change a label.
+DEFAULT_PARITY_TOLERANCE = 1e-3
 
 
 @dataclass
