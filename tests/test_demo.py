@@ -40,11 +40,20 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
-    assert {m["precision"] for m in manifest["members"]} == {"fp32", "int8"}
+    precisions = {m["precision"] for m in manifest["members"]}
+    # Two epochs on a few phantoms make near-chance models whose int8 may miss the tolerance:
+    # then no int8 file is written and the provenance says why; otherwise it is evaluated too.
+    assert "fp32" in precisions and precisions <= {"fp32", "int8"}
+    if "int8" not in precisions:
+        assert "runs fp32" in manifest["provenance"]["int8_withheld"] and "int8 not written" in result.output
+    else:
+        assert manifest["default_precision"] == "int8"
     assert len({m["name"] for m in manifest["members"]}) == 2
     assert manifest["provenance"]["synthetic"] is True
     report = json.loads((out / "demo_report.json").read_text())
     assert len(report["predictions"]) == 4 and all(p["status"] == "ok" for p in report["predictions"])
-    assert (out / "evaluation" / "bundle_int8" / "evaluation_roc.png").is_file()
+    for precision in precisions:
+        assert (out / "evaluation" / f"bundle_{precision}" / "evaluation_roc.png").is_file()
+    assert (out / "evaluation" / "bundle_int8").exists() == ("int8" in precisions)
     for word in ("time per step", "bundle", "examples", "NOT clinically validated", "never a diagnosis"):
         assert word in result.output

@@ -244,3 +244,7 @@ def test_no_search_reaches_the_int8_search_for_a_foreign_keras_model(export_base
     tried = manifest.provenance["int8"]["tried"]
     assert [t["recipe"]["name"] for t in tried] == ["u8s8"], tried  # the search would have tried more: nothing meets max diff 0
     assert manifest.default_precision == "fp32" and manifest.provenance["int8"]["ok"] is False
+    # An int8 model that misses the tolerance is not written at all, and the provenance says why.
+    assert {m.precision for m in manifest.members} == {"fp32"} and not list(out.glob("*.int8.onnx"))
+    assert "max |dp|" in manifest.provenance["int8_withheld"] and "runs fp32" in manifest.provenance["int8_withheld"]
+    assert "int8 not written" in result.output

@@ -219,12 +219,20 @@ def build_bundle(
         metrics[f"validation_{carried_default}"] = classification_metrics(validation.y, p_measured, labels, threshold)
     default = carried_default
     int8_sources: list[MemberSource] = []
+    withheld: Optional[str] = None
     if options.int8.enabled:
         int8_sources = [_quantize(m, options.int8, validation, threshold, work, steps, progress) for m in members]
         int8_ok = all(m.int8 is not None and m.int8.ok for m in members)
         if validation is not None and p_measured is not None:
             int8_ok = _ensemble_check(validation, int8_sources, p_measured, labels, threshold, options.int8.tolerance, metrics, progress) and int8_ok
-        default = "int8" if int8_ok else "fp32"
+        if int8_ok:
+            default = "int8"
+        else:
+            # An int8 file that misses the tolerance is never written: nobody can run it by mistake
+            # (--precision int8), and the provenance says why there is none.
+            withheld = _why_withheld(members, metrics, options.int8.tolerance)
+            progress(f"  int8 not written: {withheld}")
+            int8_sources = []
     sources = fp32 + int8_sources + carried
     ood_summary: dict[str, Any] = {}
     if options.ood:
@@ -233,6 +241,8 @@ def build_bundle(
     record.update(options.provenance)
     if int8_sources:
         _record_int8_timing(record, members)
+    elif withheld is not None:
+        record["int8_withheld"] = withheld
     if ood_summary:
         record["out_of_distribution"] = ood_summary
     out = Path(out)
@@ -242,6 +252,23 @@ def build_bundle(
         provenance=record, name=options.name or out.name, default_precision=default,
     )
     return BundleResult(out, manifest, members, threshold_info, metrics, time.perf_counter() - started, steps)
+
+
+def _why_withheld(members: Sequence[ExportedMember], metrics: dict[str, Any], tolerance: Tolerance) -> str:
+    """One sentence: which member (or the ensemble) missed the int8 tolerance, and by how much."""
+    reasons = []
+    for member in members:
+        q = member.int8
+        if q is None or q.chosen is None:
+            reasons.append(f"{member.name}: no int8 model could be made")
+        elif not q.ok:
+            c = q.chosen
+            reasons.append(f"{member.name}: best int8 max |dp| {c.max_prob_diff:.3f}, agreement {c.agreement:.3f}")
+    check = metrics.get("int8_vs_fp32")
+    if check and not tolerance.holds(check["max_prob_diff"], check["agreement"]):
+        reasons.append(f"the int8 ensemble: max |dp| {check['max_prob_diff']:.3f}, agreement {check['agreement']:.3f}")
+    limit = f"tolerance max |dp| <= {tolerance.max_prob_diff:g} and agreement >= {tolerance.min_agreement:g}"
+    return f"{'; '.join(reasons) or 'missed the tolerance'} ({limit}); the bundle runs fp32"
 
 
 def _record_int8_timing(record: dict[str, Any], members: Sequence[ExportedMember]) -> None:
