@@ -37,10 +37,7 @@ class Ledger:
         existing = self.path.exists() and self.path.stat().st_size > 0
         if existing:
             self.done = self._read_back()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.writer._fd = fd  # the writer's one-line-per-write discipline, on a file we append to
-        if not existing and self.writer.header:
-            self.writer._write(self.writer.header)
+        self.writer.open_append(self.path, header=not existing)  # the writer's one-line-per-write discipline
         return set(self.done)
 
     def _read_back(self) -> set[str]:
@@ -75,7 +72,7 @@ class Ledger:
     def write(self, prediction: Prediction, extra: dict[str, Any]) -> None:
         """Append the row and fsync it: the spool file is removed next, so the row must survive a power cut."""
         self.writer.write(prediction, extra)
-        os.fsync(self.writer._fd)
+        self.writer.sync()
         if extra.get(UID_COLUMN):
             self.done.add(str(extra[UID_COLUMN]))
 

@@ -93,6 +93,17 @@ class ResultWriter:
             self._write(self.header)
         return done
 
+    def open_append(self, path: Path, *, header: bool) -> None:
+        """Append to `path` as it is (its owner read back and checked what it holds); `header`: write the CSV header first."""
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if header and self.header:
+            self._write(self.header)
+
+    def sync(self) -> None:
+        """fsync the output file: the rows written so far survive a power cut."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
     def _prepare_resume(self, path: Path) -> set[str]:
         """Keep the finished rows of an earlier run, drop the rest, rewrite atomically."""
         text = path.read_bytes().decode("utf-8", errors="replace")
