@@ -456,11 +456,11 @@ def test_cli_refuses_unsafe_or_broken_starts_with_one_line(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "host, loopback",
-    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True), ("LocalHost", True), (" 127.0.0.1 ", True),
      ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("clinic-pc", False)],
 )
 def test_which_addresses_count_as_loopback(host, loopback) -> None:
-    from pneumoedge.serve.settings import is_loopback
+    from pneumoedge.network import is_loopback
 
     assert is_loopback(host) is loopback
 
@@ -477,11 +477,11 @@ def test_non_loopback_without_token_starts_only_when_told_and_warns(monkeypatch,
     """The verb up to the server's start; the socket is bound on loopback and the server not run."""
     import uvicorn
 
-    import pneumoedge.commands.serve as serve_verb
+    from pneumoedge.serve import server
 
-    real_bind = serve_verb._bind
+    real_bind = server.open_listener
     started = []
-    monkeypatch.setattr(serve_verb, "_bind", lambda host, port: real_bind("127.0.0.1", 0))
+    monkeypatch.setattr(server, "open_listener", lambda host, port: real_bind("127.0.0.1", 0))
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=(): (started.append(self.config.app), [s.close() for s in sockets]))
     for name in ("pneumoedge.serve", "uvicorn.error"):  # the verb configures these; restored afterwards
         logger = logging.getLogger(name)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
-import socket
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +20,7 @@ from pneumoedge.commands.options import (
     stderr,
     user_errors,
 )
+from pneumoedge.network import is_loopback
 
 _INSTALL = "the DICOM node needs the pacs extra: pip install 'pneumoedge[pacs]'"
 
@@ -59,17 +57,6 @@ def _check_aet(aet: str) -> str:
     return aet
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip()).is_loopback
-    except ValueError:
-        return False
-
-
 def _allowed(allow: Optional[str], host: str) -> list:
     """--allow as receive.Peers ([] lets anyone in: only on loopback, or with an explicit 'any')."""
     from pneumoedge.pacs.receive import parse_allow
@@ -77,7 +64,7 @@ def _allowed(allow: Optional[str], host: str) -> list:
     entries = [a.strip() for a in (allow or "").split(",") if a.strip()]
     if [e.lower() for e in entries] == ["any"]:
         return []
-    if not entries and not _is_loopback(host):
+    if not entries and not is_loopback(host):
         raise UserError(
             f"--host {host} lets other computers connect: say who may send with --allow, "
             "comma-separated AE titles, each optionally AET@address (e.g. --allow ORTHANC@10.0.0.5), or --allow any to accept every calling AE title"
@@ -104,6 +91,7 @@ def _setup_logging() -> None:
     pacs_log.propagate = False
 
 
+# Long only in its signature and help: the verb's option table (typer reads it); the body parses, loads and runs a pacs Node.
 def listen(
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder: results file, spool, outbox (created).")],
     aet: Aet = "PNEUMOEDGE",
@@ -158,8 +146,8 @@ def listen(
     """
     with user_errors():
         _require_pacs()
-        from pneumoedge.pacs.node import Node, NodeConfig
-        from pneumoedge.pacs.send import SendError, echo
+        from pneumoedge.pacs.node import Node, NodeConfig, check_setup
+        from pneumoedge.pacs.send import SendError
         from pneumoedge.runtime.loading import load
 
         _quiet_pynetdicom(verbose_dicom)
@@ -175,7 +163,10 @@ def listen(
             heatmaps=heatmaps, retry_max=retry_max, batch_size=batch, keep_sent_days=keep_sent, max_attempts=max_attempts,
         )
         if check:
-            _run_check(config, echo, SendError)
+            try:
+                check_setup(config, say=lambda line: stderr.print(line, highlight=False))
+            except SendError as exc:
+                raise UserError(str(exc)) from None
             if heatmaps and not getattr(ensemble, "can_explain", False):
                 stderr.print(f"note: --heatmaps: {getattr(ensemble, 'explain_note', '') or 'this model gives no heatmaps'}; SRs only", highlight=False, soft_wrap=True)
             return
@@ -185,46 +176,10 @@ def listen(
             node.start()
         except OSError as exc:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    stop = threading.Event()
-
-    def _on_signal(signum, _frame) -> None:
-        logging.getLogger("pneumoedge.pacs").info("%s received: finishing the current batch", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _on_signal)
-    stderr.print(f"listening as {aet} on {host}:{port}; results in {out}. Ctrl-C or SIGTERM stops. {CLINICAL_NOTE}", highlight=False)
-    while not stop.wait(0.5):
-        pass
-    node.stop()
-    _print_summary(node.summary())
-
-
-def _run_check(config, echo, send_error) -> None:
-    """One line per check; exit 2 at the first problem, with what is wrong."""
-    out = Path(config.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".pneumoedge-check"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"results folder {out} is not writable: {exc.strerror or exc}") from None
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((config.host, config.port))
-        except OSError as exc:
-            raise UserError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
-    stderr.print(f"ok: model loaded, {out} writable, {config.host}:{config.port} free", highlight=False)
-    if config.send_to is None:
-        stderr.print("ok: no --send-to: results stay in the outbox (send them with `pneumoedge send-results`)", highlight=False)
-        return
-    try:
-        echo(config.send_to, config.aet)
-    except send_error as exc:
-        raise UserError(str(exc)) from None
-    stderr.print(f"ok: C-ECHO to {config.send_to} answered, Comprehensive SR accepted", highlight=False)
+    summary = node.run_until_signal(
+        announce=lambda: stderr.print(f"listening as {aet} on {host}:{port}; results in {out}. Ctrl-C or SIGTERM stops. {CLINICAL_NOTE}", highlight=False)
+    )
+    _print_summary(summary)
 
 
 def _print_summary(summary: dict) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import socket
 from pathlib import Path
 from typing import Optional
 
@@ -11,9 +9,11 @@ import typer
 from typing_extensions import Annotated
 
 from pneumoedge.commands.options import CLINICAL_NOTE, Device, Models, Precision, Site, UserError, model_arg, stderr, user_errors
+from pneumoedge.network import is_loopback
 from pneumoedge.runtime.loading import load
 
 
+# Long only in its signature: the verb's option table (typer reads it); the body parses, loads and calls serve_forever.
 def serve(
     model: Models = None,
     host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback needs --token or --insecure-no-auth.")] = "127.0.0.1",
@@ -77,11 +77,9 @@ def serve(
     """
     with user_errors():
         try:
-            import uvicorn
-
-            from pneumoedge.serve import ServeSettings, create_app
-            from pneumoedge.serve.server import uvicorn_config
-            from pneumoedge.serve.settings import HostPolicy, is_loopback
+            from pneumoedge.serve import ServeSettings
+            from pneumoedge.serve import server
+            from pneumoedge.serve.settings import HostPolicy
         except ModuleNotFoundError as exc:
             raise UserError(f"serve needs the [serve] extra ({exc.name} is missing): pip install \"pneumoedge[serve]\"") from None
         secured = token is not None
@@ -107,46 +105,19 @@ def serve(
             )
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        listener = _bind(host, port)
+        try:
+            listener = server.open_listener(host, port)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     if not is_loopback(host) and not secured:
         stderr.print(f"[bold red]warning:[/] serving on {host} WITHOUT authentication: anyone who can reach it can upload images")
-    _configure_logging()
     bound_host, bound_port = listener.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     stderr.print(f"pneumoedge serve: http://{shown}:{bound_port}/ (model {ensemble.name}); Ctrl-C stops", highlight=False, soft_wrap=True)
     stderr.print(f"model runs: {ensemble.configuration.describe()}; serve runs one image per run, {settings.threads} at once", highlight=False, soft_wrap=True)
     stderr.print(f"[yellow]{CLINICAL_NOTE}[/]")
-    config = uvicorn_config(create_app(ensemble, settings), settings)
-    try:
-        uvicorn.Server(config).run(sockets=[listener])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
-        pass
+    server.serve_forever(ensemble, settings, listener)
     stderr.print("pneumoedge serve: stopped")
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as exc:
-        listener.close()
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    listener.listen(128)
-    listener.set_inheritable(True)
-    return listener
-
-
-def _configure_logging() -> None:
-    """Request lines (ids, sizes, timings, statuses) to standard error at INFO, whatever --verbose says."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("pneumoedge.serve", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        logger.addHandler(handler)
-        logger.propagate = False
 
 
 def register(app: typer.Typer) -> None:

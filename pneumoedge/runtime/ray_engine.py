@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
+from pneumoedge.network import is_loopback as is_loopback_host
 from pneumoedge.runtime.engine import Postprocess
 from pneumoedge.runtime.prediction import Prediction
 
@@ -76,13 +76,7 @@ def is_loopback(address: Optional[str]) -> bool:
     """True for None (a private local Ray) or an address whose host is 127.x, ::1 or localhost."""
     if address is None:
         return True
-    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(address.split("://")[-1].rsplit(":", 1)[0].strip("[]"))
 
 
 # -- the worker side --------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from pneumoedge.network import is_loopback
+
 #: Largest request body accepted by default (bytes): above any chest radiograph, JPEG or DICOM.
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 #: Requests admitted to the model at once (bodies read, waiting or running); more get 503 + Retry-After.
@@ -132,12 +134,3 @@ class ServeSettings:
     def threads(self) -> int:
         return self.inference_threads or os.cpu_count() or 1
 
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
