@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from pneumoedge.pacs import report
 from pneumoedge.pacs.ledger import Ledger, find_results, results_file
 from pneumoedge.pacs.receive import Receiver
-from pneumoedge.pacs.send import Destination, Outbox, Sender
+from pneumoedge.pacs.send import Destination, Outbox, Sender, echo
 from pneumoedge.pacs.spool import Spool, write_durably
 from pneumoedge.pacs.worker import Worker
 from pneumoedge.runtime.ensemble import Ensemble
@@ -128,6 +130,25 @@ class Node:
             self.sender.join(timeout)
         self.ledger.close()
 
+    def run_until_signal(self, announce: Callable[[], None] = lambda: None) -> dict[str, Any]:
+        """After `start()`: run until SIGTERM or SIGINT, then `stop()`; return the summary.
+
+        `announce` runs once the signals are caught (the CLI says where the node listens).
+        """
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("%s received: finishing the current batch", signal.Signals(signum).name)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
+        announce()
+        while not stop.wait(0.5):
+            pass
+        self.stop()
+        return self.summary()
+
     def summary(self) -> dict[str, Any]:
         stats = self.worker.stats
         sent = self.sender.stats if self.sender is not None else None
@@ -150,3 +171,31 @@ class Node:
             "results": str(self.ledger.path),
             "last_send_error": sent.last_error if sent else "",
         }
+
+
+def check_setup(config: NodeConfig, say: Callable[[str], None]) -> None:
+    """`listen --check` after the model loaded: `say` one line per check passed.
+
+    Raises OutputError at the first local problem (folder not writable, port taken), SendError
+    when --send-to does not answer a C-ECHO.
+    """
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".pneumoedge-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"results folder {out} is not writable: {exc.strerror or exc}") from None
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((config.host, config.port))
+        except OSError as exc:
+            raise OutputError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+    say(f"ok: model loaded, {out} writable, {config.host}:{config.port} free")
+    if config.send_to is None:
+        say("ok: no --send-to: results stay in the outbox (send them with `pneumoedge send-results`)")
+        return
+    echo(config.send_to, config.aet)
+    say(f"ok: C-ECHO to {config.send_to} answered, Comprehensive SR accepted")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,15 +73,7 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
     """The web service for `ensemble` (loaded once, by the caller), wrapped in `ServeMiddleware`."""
     settings = settings or ServeSettings()
     queue = WorkQueue(settings.queue_limit, settings.threads)
-    model = describe_model(ensemble)
-    model["server"] = {
-        "max_upload_bytes": settings.max_upload_bytes,
-        "max_files": settings.max_files,
-        "queue_limit": settings.queue_limit,
-        "auth": settings.token is not None,
-        "version": __version__,
-    }
-    can_explain = bool(model["can_explain"])
+    model = _describe(ensemble, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -99,7 +91,29 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
         lifespan=lifespan,
     )
     app.state.queue = queue
+    _add_error_handlers(app)
+    _add_pages(app)
+    _add_status_routes(app, queue, model)
+    _add_predict_route(app, ensemble, settings, queue, model)
+    app.openapi = _openapi_with_security(app, settings)  # type: ignore[method-assign]
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return ServeMiddleware(app, token=settings.token, hosts=settings.hosts)
 
+
+def _describe(ensemble: Ensemble, settings: ServeSettings) -> dict[str, Any]:
+    """GET /api/v1/model's body: the model, and the limits this server enforces."""
+    model = describe_model(ensemble)
+    model["server"] = {
+        "max_upload_bytes": settings.max_upload_bytes,
+        "max_files": settings.max_files,
+        "queue_limit": settings.queue_limit,
+        "auth": settings.token is not None,
+        "version": __version__,
+    }
+    return model
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPProblem)
     async def _problem(_request: Request, exc: HTTPProblem) -> JSONResponse:
         return JSONResponse({"detail": exc.reason}, status_code=exc.status, headers=exc.headers)
@@ -111,6 +125,8 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
         headers = {"Connection": "close"} if must_close(request, 422) else None
         return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422, headers=headers)
 
+
+def _add_pages(app: FastAPI) -> None:
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
@@ -119,6 +135,9 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
     async def favicon() -> Response:
         return Response(status_code=204)  # browsers ask for one; nothing to fetch from elsewhere
 
+
+def _add_status_routes(app: FastAPI, queue: WorkQueue, model: dict[str, Any]) -> None:
+    """/healthz and /readyz (open, for probes), and the protected model description."""
     open_route = {"security": []}
 
     @app.get("/healthz", summary="The process is alive", response_model=Health, responses=_COMMON, openapi_extra=open_route)
@@ -144,6 +163,10 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
     )
     async def model_info() -> JSONResponse:
         return JSONResponse(model)
+
+
+def _add_predict_route(app: FastAPI, ensemble: Ensemble, settings: ServeSettings, queue: WorkQueue, model: dict[str, Any]) -> None:
+    can_explain = bool(model["can_explain"])
 
     @app.post(
         "/api/v1/predict",
@@ -194,6 +217,8 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
         }
         return JSONResponse(body)
 
+
+def _openapi_with_security(app: FastAPI, settings: ServeSettings) -> Callable[[], dict[str, Any]]:
     def openapi() -> dict[str, Any]:
         """FastAPI's schema plus the two ways to give the token (declared only when one is required)."""
         if app.openapi_schema is None:
@@ -206,6 +231,4 @@ def create_app(ensemble: Ensemble, settings: Optional[ServeSettings] = None) -> 
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return ServeMiddleware(app, token=settings.token, hosts=settings.hosts)
+    return openapi

@@ -9,11 +9,15 @@ headers are not complete within the timeout, at its start and between keep-alive
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from typing import Any, Optional
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from pneumoedge.runtime.ensemble import Ensemble
+from pneumoedge.serve.app import create_app
 from pneumoedge.serve.settings import ServeSettings
 
 #: Largest request head (request line + headers) uvicorn's h11 parser buffers; httptools
@@ -78,3 +82,43 @@ def uvicorn_config(app: Any, settings: ServeSettings) -> uvicorn.Config:
         limit_concurrency=settings.max_connections,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """A listening socket on `host`:`port` (port 0: any free one), bound before the server starts.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        raise
+    listener.listen(128)
+    listener.set_inheritable(True)
+    return listener
+
+
+def serve_forever(ensemble: Ensemble, settings: ServeSettings, listener: socket.socket) -> None:
+    """Serve `ensemble` on `listener` until Ctrl-C, logging request lines to standard error."""
+    _configure_logging()
+    config = uvicorn_config(create_app(ensemble, settings), settings)
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
+        pass
+
+
+def _configure_logging() -> None:
+    """Request lines (ids, sizes, timings, statuses) to standard error at INFO, whatever --verbose says."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("pneumoedge.serve", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
