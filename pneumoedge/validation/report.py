@@ -23,7 +23,7 @@ from pneumoedge.runtime.ensemble import Ensemble
 from pneumoedge.runtime.folder import ProgressCallback
 from pneumoedge.runtime.loading import load
 from pneumoedge.site import SiteThreshold, apply_site, bundle_sha256, write_site
-from pneumoedge.thresholds import choose, parse
+from pneumoedge.thresholds import ThresholdRule, choose, parse
 from pneumoedge.validation import plots
 from pneumoedge.validation.analysis import TARGETS, analyse
 from pneumoedge.validation.collect import Collected, collect
@@ -91,19 +91,7 @@ def validate(
         gallery: how many of the worst errors to show with their heatmaps.
     """
     bundle, data, out = Path(bundle), Path(data), Path(out)
-    if prevalence is not None and not 0.0 < prevalence < 1.0:
-        raise DataError(f"--prevalence {prevalence}: give a proportion between 0 and 1 (e.g. 0.3)")
-    if not 0.0 < width < 1.0:
-        raise DataError(f"--width {width}: give an interval width between 0 and 1 (e.g. 0.1)")
-    rule = parse(site_threshold) if site_threshold is not None else None
-    if not bundle.is_dir() and not (bundle.is_file() and bundle.suffix.lower() == ".onnx"):
-        raise BundleError(f"{bundle}: validate takes a bundle folder (or one self-describing .onnx file)")
-    if (rule is not None or site is not None) and not bundle.is_dir():
-        raise BundleError(f"{bundle}: a site threshold belongs to a bundle folder, not to a bare .onnx file")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder")
-    if (out / "report.json").exists() and not overwrite:
-        raise DataError(f"--out {out}: already holds a report; use --overwrite or another folder")
+    rule = _check_arguments(bundle, out, prevalence, width, site, site_threshold, overwrite)
     ensemble = load(bundle, device=device, precision=precision, threads=threads)
     used_site = apply_site(ensemble, site) if site is not None else None
     if rule is not None and ensemble.task != "binary":
@@ -121,19 +109,7 @@ def validate(
     files = {"report.json": str(out / "report.json"), "report.html": str(out / "report.html"),
              "predictions.csv": str(out / "predictions.csv"), "listing.tsv": str(out / "listing.tsv")}
     if rule is not None:
-        chosen = choose(rule, run.y == 1, run.probs[:, 1]) if len(run.y) or not rule.needs_data else None
-        if chosen is None:
-            raise DataError("--site-threshold: no image could be classified to choose on")
-        site_record = SiteThreshold(
-            threshold=chosen.threshold, method=rule.text,
-            description=f"{rule.text} chosen by pneumoedge validate on {len(run.y)} labelled images "
-                        f"({listing.source}): sensitivity {chosen.sensitivity:.3f}, specificity {chosen.specificity:.3f} "
-                        f"at threshold {chosen.threshold:.4f}",
-            bundle_name=ensemble.name, bundle_sha256=report["bundle"]["sha256"],
-            chosen_on={"data": str(data), "label_source": listing.source, "listing_sha256": listing.sha256,
-                       "images": int(len(run.y)), "subset": "all classified images", "pneumoedge": __version__},
-            created=report["created"],
-        )
+        site_record = _choose_site_threshold(rule, run, ensemble, listing, data, report)
         write_site(out / "site.json", site_record)
         files["site.json"] = str(out / "site.json")
         report["site_threshold"] = {**site_record.to_dict(), "file": "site.json",
@@ -145,6 +121,43 @@ def validate(
 
     write_atomic(out / "report.html", render(report))
     return Validation(report, files)
+
+
+def _check_arguments(bundle: Path, out: Path, prevalence: Optional[float], width: float, site: Optional[Union[str, Path]],
+                     site_threshold: Optional[str], overwrite: bool) -> Optional[ThresholdRule]:
+    """Refuse unusable arguments before anything loads; return the parsed --site-threshold rule."""
+    if prevalence is not None and not 0.0 < prevalence < 1.0:
+        raise DataError(f"--prevalence {prevalence}: give a proportion between 0 and 1 (e.g. 0.3)")
+    if not 0.0 < width < 1.0:
+        raise DataError(f"--width {width}: give an interval width between 0 and 1 (e.g. 0.1)")
+    rule = parse(site_threshold) if site_threshold is not None else None
+    if not bundle.is_dir() and not (bundle.is_file() and bundle.suffix.lower() == ".onnx"):
+        raise BundleError(f"{bundle}: validate takes a bundle folder (or one self-describing .onnx file)")
+    if (rule is not None or site is not None) and not bundle.is_dir():
+        raise BundleError(f"{bundle}: a site threshold belongs to a bundle folder, not to a bare .onnx file")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+    if (out / "report.json").exists() and not overwrite:
+        raise DataError(f"--out {out}: already holds a report; use --overwrite or another folder")
+    return rule
+
+
+def _choose_site_threshold(rule: ThresholdRule, run: Collected, ensemble: Ensemble, listing: Listing, data: Path,
+                           report: dict[str, Any]) -> SiteThreshold:
+    """The site threshold `rule` picks on every classified image, with where and how it was chosen."""
+    chosen = choose(rule, run.y == 1, run.probs[:, 1]) if len(run.y) or not rule.needs_data else None
+    if chosen is None:
+        raise DataError("--site-threshold: no image could be classified to choose on")
+    return SiteThreshold(
+        threshold=chosen.threshold, method=rule.text,
+        description=f"{rule.text} chosen by pneumoedge validate on {len(run.y)} labelled images "
+                    f"({listing.source}): sensitivity {chosen.sensitivity:.3f}, specificity {chosen.specificity:.3f} "
+                    f"at threshold {chosen.threshold:.4f}",
+        bundle_name=ensemble.name, bundle_sha256=report["bundle"]["sha256"],
+        chosen_on={"data": str(data), "label_source": listing.source, "listing_sha256": listing.sha256,
+                   "images": int(len(run.y)), "subset": "all classified images", "pneumoedge": __version__},
+        created=report["created"],
+    )
 
 
 def _clear_previous(out: Path) -> None:
