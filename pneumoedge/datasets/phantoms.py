@@ -390,6 +390,21 @@ def generate_dataset(
             raise DatasetError(f"{folder} is not empty; generate into a new or empty folder")
         folder.mkdir(parents=True, exist_ok=True)
 
+    jobs = _plan(root, counts, size, seed, sixteen_bit_fraction, jpeg_quality)
+    _run(jobs, workers)
+    _write_notice(
+        root,
+        f"Generator: pneumoedge.datasets.phantoms.generate_dataset(seed={seed}, size={size!r}, "
+        f"sixteen_bit_fraction={sixteen_bit_fraction}, jpeg_quality={jpeg_quality})\n"
+        f"Counts: {counts!r}\nImages: {len(jobs)}\n",
+    )
+    log.info("wrote %d synthetic phantom images to %s", len(jobs), root)
+    return root
+
+
+def _plan(root: Path, counts: dict[str, dict[str, int]], size: Size, seed: int, sixteen_bit_fraction: float,
+          jpeg_quality: int) -> list[_Job]:
+    """Every image to write: patients (one to three images each), Kaggle-style names, seeds from `seed`."""
     master = np.random.SeedSequence(seed)
     rng = np.random.default_rng(master.spawn(1)[0])
     next_normal, next_person, next_image = 1, 1, 1
@@ -413,15 +428,7 @@ def generate_dataset(
                     sixteen = bool(rng.random() < sixteen_bit_fraction)
                     path = root / split / label / (stem + (".png" if sixteen else ".jpeg"))
                     jobs.append(_Job(path, kind, anatomy_seed, image_seed, pick_size(size, rng), sixteen, jpeg_quality))
-    _run(jobs, workers)
-    _write_notice(
-        root,
-        f"Generator: pneumoedge.datasets.phantoms.generate_dataset(seed={seed}, size={size!r}, "
-        f"sixteen_bit_fraction={sixteen_bit_fraction}, jpeg_quality={jpeg_quality})\n"
-        f"Counts: {counts!r}\nImages: {len(jobs)}\n",
-    )
-    log.info("wrote %d synthetic phantom images to %s", len(jobs), root)
-    return root
+    return jobs
 
 
 #: Example images at the size of real chest X-rays (1-2 Mpx), so demos pay real decode costs.
