@@ -246,3 +246,19 @@ def test_a_real_torch_model_exported_with_the_documented_recipe(tmp_path: Path, 
         with torch.no_grad():
             expected = torch.softmax(model(torch.from_numpy(numpy_pipeline(file)[None].copy())), dim=1)[0, 1].item()
         assert ensemble.predict(file).probabilities["PNEUMONIA"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("door", ["export_onnx", "export_foreign"])
+def test_declared_spec_doors_refuse_a_reduced_decode_before_reading_the_model(tmp_path: Path, door: str) -> None:
+    """Both doors with a user-declared spec share one rule (foreign.declared_options): full decode only."""
+    import dataclasses
+
+    from pneumoedge.export import foreign, onnx_wrap
+    from pneumoedge.export.errors import ExportError
+    from pneumoedge.preprocessing import PreprocessSpec
+
+    export = getattr(onnx_wrap if door == "export_onnx" else foreign, door)
+    spec = dataclasses.replace(PreprocessSpec(), decode_reduction=2)
+    with pytest.raises(ExportError, match="full decode"):
+        export(tmp_path / "absent.onnx", tmp_path / "bundle", spec=spec, labels=["NORMAL", "PNEUMONIA"], head="softmax")
+    assert not (tmp_path / "bundle").exists()

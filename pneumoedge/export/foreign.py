@@ -22,8 +22,12 @@ from pneumoedge.preprocessing import PreprocessSpec
 DECLARED_THRESHOLD = "fixed:0.5"
 
 
-def refuse_reduced_decode(spec: PreprocessSpec) -> None:
-    """A foreign model must be fed the full decode its own training pipeline used."""
+def declared_options(spec: PreprocessSpec, options: BundleOptions) -> BundleOptions:
+    """What every door with a user-declared spec (a foreign Keras model, a wrapped ONNX) runs with.
+
+    A foreign model must be fed the full decode its own training pipeline used, and its
+    threshold is `DECLARED_THRESHOLD` unless one is given (it has no validation split).
+    """
     if spec.decode_reduction != 1:
         # A reduced JPEG decode moves a foreign model's probabilities (by 0.17-0.33 on one real
         # model): only models trained through pneumoedge's own preprocessing may use it.
@@ -31,6 +35,7 @@ def refuse_reduced_decode(spec: PreprocessSpec) -> None:
             f"decode_reduction={spec.decode_reduction} is only for models trained by `pneumoedge train --decode-reduction`; "
             "a foreign model must be fed the full decode its training pipeline used"
         )
+    return replace(options, threshold=options.threshold or DECLARED_THRESHOLD)
 
 
 def single_file(out: Path, options: BundleOptions) -> bool:
@@ -78,8 +83,7 @@ def export_foreign(
     """
     started = time.perf_counter()
     out = Path(out)
-    refuse_reduced_decode(spec)
-    options = replace(options, threshold=options.threshold or DECLARED_THRESHOLD)
+    options = declared_options(spec, options)
     keras = dict(spec=spec, labels=labels, head=head, images=options.images, tolerance=options.parity_tolerance,
                  heatmaps=options.heatmaps, heatmap_layer=options.heatmap_layer)
     if single_file(out, options):

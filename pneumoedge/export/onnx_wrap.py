@@ -15,7 +15,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -25,7 +25,7 @@ from pneumoedge import thresholds
 from pneumoedge.bundle import FEATURES_OUTPUT, HEATMAP_OUTPUT, ONNX_METADATA_KEY, ORIGIN_KEY, MemberSource, ModelCard, sha256_file
 from pneumoedge.export.bundle_builder import BundleOptions, BundleResult, build_bundle
 from pneumoedge.export.errors import ExportError, HeatmapUnavailable
-from pneumoedge.export.foreign import DECLARED_THRESHOLD, foreign_member, foreign_provenance, refuse_reduced_decode, single_file
+from pneumoedge.export.foreign import declared_options, foreign_member, foreign_provenance, single_file
 from pneumoedge.export.heads import card_for, check_probabilities
 from pneumoedge.export.onnx_cam import PREFIX, add_heatmap_outputs, default_opset
 from pneumoedge.export.report import Progress, quiet
@@ -337,8 +337,7 @@ def export_onnx(
     """
     started = time.perf_counter()
     out = Path(out)
-    refuse_reduced_decode(spec)
-    options = replace(options, threshold=options.threshold or DECLARED_THRESHOLD)
+    options = declared_options(spec, options)
     declared = thresholds.parse(options.threshold)
     wrap = dict(spec=spec, labels=labels, head=head, images=options.images, heatmap=options.heatmaps,
                 threshold=declared.value if declared.kind == "fixed" else None)
