@@ -23,3 +23,21 @@ def require_program(name: str, *, install_hint: str) -> str:
         pytest.fail(f"{reason}; PNEUMOEDGE_REQUIRE_SYSTEM_TOOLS=1 forbids skipping", pytrace=False)
     pytest.skip(reason)
     raise AssertionError("unreachable")
+
+
+#: Debian's Chromium as root, headless, with no look-ups or background traffic off this machine.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+]
+
+
+def require_playwright():
+    """playwright.sync_api; a skip locally without it, a failure under CI (it is in the [dev] extra)."""
+    try:
+        import playwright.sync_api as sync_api
+    except ImportError:
+        if os.environ.get("PNEUMOEDGE_REQUIRE_SYSTEM_TOOLS") == "1":
+            pytest.fail("Playwright is not installed (pip install '.[dev]'); CI forbids skipping the browser tests", pytrace=False)
+        pytest.skip("Playwright is not installed (pip install '.[dev]')")
+    return sync_api

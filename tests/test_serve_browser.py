@@ -19,30 +19,9 @@ from typer.testing import CliRunner
 from pneumoedge.bundle import read_manifest
 from pneumoedge.runtime.loading import default_bundle_path
 from tests.serve_helpers import EXAMPLES, REPO, start_server, stop_server
-from tests.system_tools import require_program
+from tests.system_tools import CHROMIUM_ARGS, require_playwright, require_program
 
 TOKEN = "browser-token-0123456789abcdef"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless=new",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
-]
-
-
-def _playwright():
-    """playwright.sync_api; a skip locally without it, a failure under CI (it is in the [dev] extra)."""
-    try:
-        import playwright.sync_api as sync_api
-    except ImportError:
-        if os.environ.get("PNEUMOEDGE_REQUIRE_SYSTEM_TOOLS") == "1":
-            pytest.fail("Playwright is not installed (pip install '.[dev]'); CI forbids skipping the browser tests", pytrace=False)
-        pytest.skip("Playwright is not installed (pip install '.[dev]')")
-    return sync_api
 
 
 def _document_image(path: Path) -> Path:
@@ -78,7 +57,7 @@ def _infer_label(image: Path, tmp_path: Path) -> dict:
 
 def test_page_in_chromium_gives_infers_label_and_reports_bad_files(tmp_path: Path) -> None:
     chromium = require_program("chromium", install_hint="apt-get install -y --no-install-recommends chromium chromium-driver")
-    playwright = _playwright()
+    playwright = require_playwright()
     image = EXAMPLES / "example_01.jpeg"
     expected = _infer_label(image, tmp_path)
     fake = tmp_path / "letter.png"
@@ -166,7 +145,7 @@ def test_page_in_chromium_gives_infers_label_and_reports_bad_files(tmp_path: Pat
 
 def test_heatmap_toggle_by_keyboard_on_a_model_with_heatmaps(tmp_path: Path) -> None:
     chromium = require_program("chromium", install_hint="apt-get install -y --no-install-recommends chromium chromium-driver")
-    playwright = _playwright()
+    playwright = require_playwright()
     pytest.importorskip("onnx", reason="export needs the [export] extra")
     from pneumoedge.cli import app
     from tests.foreign_models import cnn

@@ -5,38 +5,21 @@ Skips only where Chromium or Playwright is missing, and fails instead under CI (
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
-
-import pytest
 
 from pneumoedge.datasets.phantoms import generate_dataset
 from pneumoedge.runtime.loading import default_bundle_path
 from pneumoedge.validation.report import validate
-from tests.system_tools import require_program
+from tests.system_tools import CHROMIUM_ARGS, require_playwright, require_program
 
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
-]
 #: A4 at 96 CSS px per inch.
 A4_WIDTH_PX = 794
 
 
-def _playwright():
-    try:
-        import playwright.sync_api as sync_api
-    except ImportError:
-        if os.environ.get("PNEUMOEDGE_REQUIRE_SYSTEM_TOOLS") == "1":
-            pytest.fail("Playwright is not installed (pip install '.[dev]'); CI forbids skipping the browser tests", pytrace=False)
-        pytest.skip("Playwright is not installed (pip install '.[dev]')")
-    return sync_api
-
-
 def test_report_page_is_self_contained_and_prints_on_a4(tmp_path: Path) -> None:
     chromium = require_program("chromium", install_hint="apt-get install -y --no-install-recommends chromium")
-    sync_api = _playwright()
+    sync_api = require_playwright()
     data = generate_dataset(tmp_path / "ph", counts={"test": {"normal": 5, "bacteria": 3, "virus": 2}}, size=(160, 160), seed=4) / "test"
     bundle = tmp_path / "bundle"
     shutil.copytree(default_bundle_path(), bundle)
