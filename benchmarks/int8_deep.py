@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.results_md import write_section  # noqa: E402
 
 SIZE = 128
 
@@ -133,13 +133,7 @@ Trade-off curve of the search (the most quantization-sensitive nodes kept in fp3
 | ---: | ---: | ---: | ---: | :---: |
 {rows}
 <!-- int8_deep:end -->"""
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text()
-    if "<!-- int8_deep:start -->" in text:
-        text = re.sub(r"<!-- int8_deep:start -->.*?<!-- int8_deep:end -->", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section("int8_deep", section)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.results_md import markers, write_section  # noqa: E402
 
 from tests.orthanc_helpers import HOST, Orthanc, chest_instance, free_port  # noqa: E402
 
-START, END = "<!-- pacs_burst:start -->", "<!-- pacs_burst:end -->"
+START, END = markers("pacs_burst")
 
 
 def cpu() -> dict:
@@ -237,14 +238,7 @@ def record(f: dict) -> None:
         END,
         "",
     ])
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    write_section("pacs_burst", section)
 
 
 if __name__ == "__main__":

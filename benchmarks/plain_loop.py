@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.results_md import markers, write_section  # noqa: E402
 ZOO = Path(os.environ.get("PNEUMOEDGE_ZOO", "/work/zoo"))
 
 # The plain loop, run with `python -c`: only cv2, numpy and onnxruntime. argv: folder, then
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {**records[0], "results": list(results.values()), "stages": list(stage_rows.values()),
                   "command": [c for rec in records for c in (rec["command"] + [";"])][:-1]}
         if options.record:
-            write_section(ROOT / "benchmarks" / "RESULTS.md", render(record, options.note))
+            write_section("plain_loop", render(record, options.note))
         return 0
 
     from pneumoedge.runtime.machine import cpu_info
@@ -246,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if options.json:
         options.json.write_text(json.dumps(record, indent=2) + "\n")
     if options.record:
-        write_section(ROOT / "benchmarks" / "RESULTS.md", render(record, options.note))
+        write_section("plain_loop", render(record, options.note))
     return 0
 
 
-MARKERS = ("<!-- plain_loop:start -->", "<!-- plain_loop:end -->")
+MARKERS = markers("plain_loop")
 
 
 def render(record: dict, note: str) -> str:
@@ -303,16 +305,6 @@ def render(record: dict, note: str) -> str:
     lines += ["", "Reproduce: `python benchmarks/plain_loop.py --models default,zoo --images 32,500 --stages --record`. "
               "This section is rewritten by that script only.", MARKERS[1]]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
-    if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(MARKERS[1]):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

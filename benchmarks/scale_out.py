@@ -34,6 +34,8 @@ import cv2
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from benchmarks.results_md import markers, write_section  # noqa: E402
 CONFIGS = [("local", 1), ("ray", 1), ("local", 2), ("ray", 2)]
 
 
@@ -151,7 +153,7 @@ def capacity_model(runs: list[dict], bytes_per_image: float, bandwidth: float) -
     }
 
 
-START, END = "<!-- scale_out:start -->", "<!-- scale_out:end -->"
+START, END = markers("scale_out")
 
 
 def render_section(report: dict[str, Any]) -> str:
@@ -207,15 +209,7 @@ def render_section(report: dict[str, Any]) -> str:
 
 
 def record(report: dict[str, Any]) -> None:
-    path = HERE / "RESULTS.md"
-    text = path.read_text(encoding="utf-8")
-    section = render_section(report)
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    write_section("scale_out", render_section(report))
 
 
 def machine() -> dict[str, Any]:

@@ -39,9 +39,11 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.results_md import markers, write_section  # noqa: E402
 EXAMPLES = ROOT / "examples" / "images"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-START, END = "<!-- serve_load:start -->", "<!-- serve_load:end -->"
+START, END = markers("serve_load")
 BOUNDARY = "pneumoedgeloadboundary"
 
 
@@ -351,12 +353,7 @@ def report(args, base_rates: list[float], base_n: int, result: dict, rss: list[t
 
 
 def record(section: str) -> None:
-    text = RESULTS.read_text(encoding="utf-8")
-    if START in text and END in text:
-        text = text[: text.index(START)] + section.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text, encoding="utf-8")
+    write_section("serve_load", section)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

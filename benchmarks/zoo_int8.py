@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.results_md import write_section  # noqa: E402
 HANDFUL = 5
 MAX_RATIO = 0.85
 
@@ -188,14 +189,7 @@ def _section(rows: list[dict]) -> str:
 def record(rows: list[dict]) -> None:
     """benchmarks/zoo_int8.json and this script's section of benchmarks/RESULTS.md (between markers)."""
     (ROOT / "benchmarks" / "zoo_int8.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text()
-    section = _section(rows)
-    if "<!-- zoo_int8:start -->" in text:
-        text = re.sub(r"<!-- zoo_int8:start -->.*?<!-- zoo_int8:end -->", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section("zoo_int8", _section(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="write benchmarks/zoo_int8.json and the RESULTS.md section")
     parser.add_argument("--no-measure", action="store_true", help="measure nothing: record the figures kept in ZOO/int8.json")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("pneumoedge.export.int8_search").setLevel(logging.INFO)  # each trial's figures as it goes
     ready = args.zoo / "READY"
