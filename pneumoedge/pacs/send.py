@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from pneumoedge.pacs.spool import Spool, key_of, sync_folder
+from pneumoedge.atomic import sync_folder
+from pneumoedge.pacs.spool import Spool, key_of
 
 log = logging.getLogger(__name__)
 

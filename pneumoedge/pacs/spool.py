@@ -3,49 +3,27 @@
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Optional
 
+from pneumoedge.atomic import write_atomic
+
 SUFFIX = ".dcm"
 
 
 def write_durably(folder: Path, name: str, data: bytes) -> Path:
-    """Write `data` as `folder/name` so that it is either whole on disk or absent.
-
-    The bytes go to a temporary name, are fsynced, renamed into place, and the folder is
-    fsynced so the rename itself survives a power cut.
-    """
-    final = folder / name
-    tmp = folder / f".tmp-{os.getpid()}-{threading.get_ident()}-{name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    sync_folder(folder)
-    return final
-
-
-def sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write `data` as `folder/name` so that it is either whole on disk or absent, the rename
+    itself fsynced (`atomic.write_atomic`, durable: its arrival may be acknowledged to a PACS)."""
+    return write_atomic(Path(folder) / name, data, durable=True)
 
 
 class Spool:
     """A folder of files named so that sorting them gives their arrival order.
 
-    Names are `<nanoseconds>-<counter>-<key>.dcm`; leftovers of an interrupted write
-    (`.tmp-*`) are removed on open, since nothing was acknowledged for them.
+    Names are `<nanoseconds>-<counter>-<key>.dcm`; leftovers of an interrupted write (hidden
+    temporary files) are removed on open, since nothing was acknowledged for them.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -54,8 +32,9 @@ class Spool:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
-        for stale in self.folder.glob(".tmp-*"):
-            stale.unlink(missing_ok=True)
+        for stale in self.folder.glob(".*"):  # the folder is the spool's own: only temporary files are hidden
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
 
     def put(self, key: str, data: bytes) -> Path:
         """Store one object durably; return its path. Safe from several threads."""
